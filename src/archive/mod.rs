@@ -1,0 +1,11 @@
+//! The archive client: where packages come from and proof that they are genuine.
+//!
+//! It owns the host's APT sources (defaults), the suite's `InRelease`/`Release`
+//! (OpenPGP-verified), and the `Packages` indices checked against the Release's
+//! SHA256 list.
+
+pub mod deb822;
+pub mod release;
+pub mod sources;
+pub mod verify;
+pub mod version;

@@ -1,0 +1,1 @@
+//! Orchestration of a native bootstrap (under construction).
