@@ -4,7 +4,9 @@
 //! (OpenPGP-verified), and the `Packages` indices checked against the Release's
 //! SHA256 list.
 
+pub mod client;
 pub mod deb822;
+pub mod packages;
 pub mod release;
 pub mod sources;
 pub mod verify;
