@@ -2,4 +2,5 @@
 //! files, throw-away OpenPGP keys, signed local archives and a tiny HTTP server.
 //! Nothing here is used by the product itself.
 
+pub mod deb;
 pub mod signing;
