@@ -232,9 +232,14 @@ impl Tree<'_> {
         openat2(self.fd.as_fd(), rel, how)
     }
 
-    /// Opens (O_PATH) the directory `p` inside the tree, creating missing components.
+    /// Opens (O_PATH) the directory `p` inside the tree, creating missing components
+    /// (also where a dangling symlink points, resolved inside the tree).
     fn ensure_dir(&self, p: impl AsRef<Path>) -> Result<OwnedFd, String> {
-        let rel = Self::rel(p.as_ref());
+        self.ensure_dir_depth(p.as_ref(), 0)
+    }
+
+    fn ensure_dir_depth(&self, p: &Path, depth: u32) -> Result<OwnedFd, String> {
+        let rel = Self::rel(p);
         let dir = OFlag::O_PATH | OFlag::O_DIRECTORY;
         match self.open(&rel, dir) {
             Ok(fd) => return Ok(fd),
@@ -242,9 +247,18 @@ impl Tree<'_> {
             Err(e) => return Err(format!("open {}: {e}", self.shown(&rel))),
         }
         let (parent, name) = self.split(&rel)?;
-        let pfd = self.ensure_dir(parent)?;
+        let pfd = self.ensure_dir_depth(parent, depth)?;
         match mkdirat(&pfd, name, Mode::from_bits_truncate(0o755)) {
-            Ok(()) | Err(Errno::EEXIST) => {}
+            Ok(()) => {}
+            Err(Errno::EEXIST) => {
+                // A dangling symlink: create what it names, inside the tree.
+                if let Ok(target) = nix::fcntl::readlinkat(&pfd, name) {
+                    if depth >= 40 {
+                        return Err(format!("open {}: {}", self.shown(&rel), Errno::ELOOP));
+                    }
+                    self.ensure_dir_depth(&parent.join(PathBuf::from(target)), depth + 1)?;
+                }
+            }
             Err(e) => return Err(format!("mkdir {}: {e}", self.shown(&rel))),
         }
         self.open(&rel, dir)
