@@ -31,7 +31,6 @@ mod proto;
 mod shift;
 mod stage2;
 
-use std::ffi::OsString;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -195,7 +194,7 @@ impl SandboxSpec {
 /// otherwise it returns None and does nothing.
 pub fn maybe_run_child() -> Option<std::process::ExitCode> {
     let mut args = std::env::args_os().skip(1);
-    if args.next()? != OsString::from(CHILD_ARG) {
+    if args.next()? != CHILD_ARG {
         return None;
     }
     let fd = args

@@ -186,7 +186,7 @@ pub fn rewrite_cap_xattr(value: &[u8], map: &IdMap) -> Result<Vec<u8>, String> {
 /// version u32, then entries of tag u16, perm u16, id u32). Returns None when the
 /// value is malformed or nothing changes.
 pub fn shift_acl_xattr(value: &[u8], map: &IdMap) -> Option<Vec<u8>> {
-    if value.len() < 4 || (value.len() - 4) % 8 != 0 {
+    if value.len() < 4 || !(value.len() - 4).is_multiple_of(8) {
         return None;
     }
     if u32::from_le_bytes(value[0..4].try_into().ok()?) != ACL_XATTR_VERSION {

@@ -171,10 +171,7 @@ impl PolicyRcd {
             if !md.is_dir() {
                 return Err(file_err(
                     "check",
-                    std::io::Error::new(
-                        std::io::ErrorKind::Other,
-                        format!("{dir} is not a directory"),
-                    ),
+                    std::io::Error::other(format!("{dir} is not a directory")),
                 ));
             }
         }
