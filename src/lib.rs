@@ -22,6 +22,8 @@ pub mod dpkg;
 pub mod fetch;
 pub mod packer;
 pub mod resolve;
+pub mod sandbox;
+pub mod sys;
 #[doc(hidden)]
 pub mod testkit;
 pub mod unpack;

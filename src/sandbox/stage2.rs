@@ -1,0 +1,384 @@
+//! The debootstrap second stage for a tree the native unpacker produced (every
+//! package `install ok unpacked`, conffiles as `.dpkg-new`, `info/` files in place):
+//! block service starts with `policy-rc.d`, run the preinsts (base-passwd first), then
+//! `dpkg --configure -a`, each inside a [`sandbox`](super) run.
+//!
+//! Why `--force-confold`: in a fresh tree every conffile is recorded as `newconffile`
+//! and dpkg installs the `.dpkg-new` without asking, so the option changes nothing
+//! there — but if the caller pre-seeded a file at a conffile path (resolv.conf,
+//! hostname, an apt source) dpkg would otherwise prompt, read EOF from our null stdin
+//! and fail. Keeping the existing file is what debootstrap does for its base set
+//! (`dpkg --force-confold --skip-same-version --configure -a`). `--force-depends` and
+//! `--force-configure-any` are not used: all packages are unpacked before configuring,
+//! so dpkg can order the whole set itself, and a real dependency problem should fail.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use super::{run, ExitStatusInfo, SandboxError, SandboxSpec, DEFAULT_PATH};
+
+const ADMINDIR: &str = "/var/lib/dpkg";
+const POLICY_RC_D: &str = "usr/sbin/policy-rc.d";
+/// Lines of output kept for error messages.
+const TAIL_LINES: usize = 15;
+
+/// Runs the second stage in `root` (which overrides `spec_base.root`); `spec_base`
+/// supplies the user namespace, hostname, binds and helper. Output of every command
+/// goes to `log`; the tail of a failing command's output is in the error.
+pub fn second_stage(
+    root: &Path,
+    spec_base: &SandboxSpec,
+    log: &mut dyn Write,
+) -> Result<(), SandboxError> {
+    let mut spec = spec_base.clone();
+    spec.root = root.to_path_buf();
+    spec.cwd = PathBuf::from("/");
+    spec.set_env("PATH", DEFAULT_PATH);
+    spec.set_env("DEBIAN_FRONTEND", "noninteractive");
+    spec.set_env("DEBCONF_NONINTERACTIVE_SEEN", "true");
+
+    let status_path = root.join("var/lib/dpkg/status");
+    let text = std::fs::read_to_string(&status_path).map_err(|source| SandboxError::StageFile {
+        step: "read",
+        path: status_path.clone(),
+        source,
+    })?;
+    let pkgs = parse_status(&text);
+    let dpkg_version = pkgs
+        .iter()
+        .find(|p| p.name == "dpkg")
+        .map(|p| p.version.clone());
+
+    let guard = PolicyRcd::install(root, spec.userns.map(|m| m.host_base))?;
+
+    let mut order: Vec<&Pkg> = pkgs.iter().filter(|p| p.unpacked()).collect();
+    order.sort_by_key(|p| p.name != "base-passwd"); // stable: the rest keep status order
+    for pkg in order {
+        let Some(script) = pkg.info_file(root, "preinst") else {
+            continue;
+        };
+        let mut s = spec.clone();
+        s.set_env("DPKG_MAINTSCRIPT_PACKAGE", &pkg.name);
+        s.set_env("DPKG_MAINTSCRIPT_PACKAGE_REFCOUNT", "1");
+        s.set_env("DPKG_MAINTSCRIPT_ARCH", &pkg.arch);
+        s.set_env("DPKG_MAINTSCRIPT_NAME", "preinst");
+        s.set_env("DPKG_ROOT", "");
+        s.set_env("DPKG_ADMINDIR", ADMINDIR);
+        if let Some(v) = &dpkg_version {
+            s.set_env("DPKG_RUNNING_VERSION", v);
+        }
+        writeln!(log, "I: running preinst install of {}", pkg.name).map_err(SandboxError::Log)?;
+        run_logged(
+            &s,
+            &[script, "install".into()],
+            log,
+            &format!("preinst of {}", pkg.name),
+        )?;
+    }
+
+    writeln!(log, "I: configuring packages").map_err(SandboxError::Log)?;
+    run_logged(
+        &spec,
+        &[
+            "dpkg".into(),
+            "--force-confold".into(),
+            "--configure".into(),
+            "-a".into(),
+        ],
+        log,
+        "dpkg --configure -a",
+    )?;
+    guard.remove()
+}
+
+/// One package of the status file (the fields the second stage needs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Pkg {
+    name: String,
+    arch: String,
+    version: String,
+    status: String,
+    multi_arch_same: bool,
+}
+
+impl Pkg {
+    fn unpacked(&self) -> bool {
+        self.status == "install ok unpacked"
+    }
+
+    /// Path inside the root of `info/<pkg>[:arch].<what>`, if the file exists.
+    fn info_file(&self, root: &Path, what: &str) -> Option<String> {
+        let mut names = vec![format!("{}:{}.{what}", self.name, self.arch)];
+        let plain = format!("{}.{what}", self.name);
+        if self.multi_arch_same {
+            names.push(plain);
+        } else {
+            names.insert(0, plain);
+        }
+        names
+            .into_iter()
+            .map(|n| format!("{ADMINDIR}/info/{n}"))
+            .find(|p| root.join(&p[1..]).is_file())
+    }
+}
+
+fn parse_status(text: &str) -> Vec<Pkg> {
+    let mut out = Vec::new();
+    for stanza in text.split("\n\n") {
+        let mut f: HashMap<&str, &str> = HashMap::new();
+        for line in stanza.lines() {
+            if line.starts_with([' ', '\t']) {
+                continue;
+            }
+            if let Some((k, v)) = line.split_once(':') {
+                f.insert(k.trim(), v.trim());
+            }
+        }
+        let Some(name) = f.get("Package") else {
+            continue;
+        };
+        out.push(Pkg {
+            name: name.to_string(),
+            arch: f.get("Architecture").unwrap_or(&"all").to_string(),
+            version: f.get("Version").unwrap_or(&"").to_string(),
+            status: f.get("Status").unwrap_or(&"").to_string(),
+            multi_arch_same: f.get("Multi-Arch") == Some(&"same"),
+        });
+    }
+    out
+}
+
+/// `/usr/sbin/policy-rc.d` answering 101 ("action forbidden") so that no maintainer
+/// script starts a service; removed afterwards unless it was there before.
+struct PolicyRcd {
+    path: PathBuf,
+    ours: bool,
+}
+
+impl PolicyRcd {
+    fn install(root: &Path, owner: Option<u32>) -> Result<Self, SandboxError> {
+        let path = root.join(POLICY_RC_D);
+        let file_err = |step, source| SandboxError::StageFile {
+            step,
+            path: path.clone(),
+            source,
+        };
+        // Write through real directories only: never follow a link out of the tree.
+        for dir in ["usr", "usr/sbin"] {
+            let md = std::fs::symlink_metadata(root.join(dir)).map_err(|e| file_err("check", e))?;
+            if !md.is_dir() {
+                return Err(file_err(
+                    "check",
+                    std::io::Error::other(format!("{dir} is not a directory")),
+                ));
+            }
+        }
+        if std::fs::symlink_metadata(&path).is_ok() {
+            return Ok(PolicyRcd { path, ours: false });
+        }
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o755)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+            .map_err(|e| file_err("create", e))?;
+        f.write_all(b"#!/bin/sh\nexit 101\n")
+            .map_err(|e| file_err("write", e))?;
+        use std::os::unix::fs::PermissionsExt;
+        f.set_permissions(std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| file_err("chmod", e))?;
+        if let Some(base) = owner {
+            std::os::unix::fs::fchown(&f, Some(base), Some(base))
+                .map_err(|e| file_err("chown", e))?;
+        }
+        Ok(PolicyRcd { path, ours: true })
+    }
+
+    fn remove(mut self) -> Result<(), SandboxError> {
+        if std::mem::take(&mut self.ours) {
+            std::fs::remove_file(&self.path).map_err(|source| SandboxError::StageFile {
+                step: "remove",
+                path: self.path.clone(),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for PolicyRcd {
+    fn drop(&mut self) {
+        if self.ours {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Runs a command with stdout and stderr into `log` (stdin /dev/null); a failure
+/// becomes `StageCommand` with the last lines of output.
+fn run_logged(
+    spec: &SandboxSpec,
+    argv: &[String],
+    log: &mut dyn Write,
+    what: &str,
+) -> Result<(), SandboxError> {
+    let (r, w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| SandboxError::Spec {
+            what: format!("pipe for the output of {what}: {e}"),
+        })?;
+    let w2 = w.try_clone().map_err(|e| SandboxError::Spec {
+        what: format!("pipe for the output of {what}: {e}"),
+    })?;
+    let mut tail = Tail::default();
+    let status = std::thread::scope(|s| {
+        let h = s.spawn(move || run(spec, argv, Stdio::null(), Stdio::from(w), Stdio::from(w2)));
+        // run() drops its copies of the write end once the helper is spawned, so this
+        // reaches EOF when the sandbox (and everything in it) is gone.
+        let mut r = std::fs::File::from(r);
+        let mut buf = [0u8; 16 * 1024];
+        let mut log_err = None;
+        loop {
+            match r.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    tail.push(&buf[..n]);
+                    if log_err.is_none() {
+                        log_err = log.write_all(&buf[..n]).err();
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            }
+        }
+        let res = h.join().unwrap_or_else(|_| {
+            Err(SandboxError::Spec {
+                what: format!("sandbox thread for {what} panicked"),
+            })
+        });
+        match log_err {
+            Some(e) if res.is_ok() => Err(SandboxError::Log(e)),
+            _ => res,
+        }
+    })?;
+    if status != ExitStatusInfo::Exited(0) {
+        return Err(SandboxError::StageCommand {
+            what: what.to_string(),
+            status,
+            tail: tail.text(),
+        });
+    }
+    Ok(())
+}
+
+/// The last bytes of a stream, for error messages.
+#[derive(Default)]
+struct Tail(Vec<u8>);
+
+impl Tail {
+    const KEEP: usize = 8 * 1024;
+
+    fn push(&mut self, b: &[u8]) {
+        self.0.extend_from_slice(b);
+        if self.0.len() > 2 * Self::KEEP {
+            self.0.drain(..self.0.len() - Self::KEEP);
+        }
+    }
+
+    fn text(&self) -> String {
+        let s = String::from_utf8_lossy(&self.0);
+        let lines: Vec<&str> = s.lines().filter(|l| !l.trim().is_empty()).collect();
+        let from = lines.len().saturating_sub(TAIL_LINES);
+        lines[from..].join("\n")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_parsing() {
+        let text = "Package: base-passwd\nStatus: install ok unpacked\nVersion: 3.6.1\nArchitecture: amd64\nDescription: x\n more\n\nPackage: libc6\nStatus: install ok unpacked\nMulti-Arch: same\nArchitecture: amd64\nVersion: 2.36\nConffiles:\n /etc/ld.so.conf.d/x86_64-linux-gnu.conf newconffile\n\nPackage: done\nStatus: install ok installed\nArchitecture: all\n";
+        let p = parse_status(text);
+        assert_eq!(p.len(), 3);
+        assert_eq!(p[0].name, "base-passwd");
+        assert!(p[0].unpacked() && !p[0].multi_arch_same);
+        assert!(p[1].multi_arch_same);
+        assert_eq!(p[1].version, "2.36");
+        assert!(!p[2].unpacked());
+    }
+
+    #[test]
+    fn info_file_lookup() {
+        let d = tempfile::tempdir().unwrap();
+        let info = d.path().join("var/lib/dpkg/info");
+        std::fs::create_dir_all(&info).unwrap();
+        std::fs::write(info.join("libc6:amd64.preinst"), "").unwrap();
+        std::fs::write(info.join("base-passwd.preinst"), "").unwrap();
+        let mk = |n: &str, same| Pkg {
+            name: n.into(),
+            arch: "amd64".into(),
+            version: String::new(),
+            status: "install ok unpacked".into(),
+            multi_arch_same: same,
+        };
+        assert_eq!(
+            mk("libc6", true).info_file(d.path(), "preinst").as_deref(),
+            Some("/var/lib/dpkg/info/libc6:amd64.preinst")
+        );
+        assert_eq!(
+            mk("base-passwd", false)
+                .info_file(d.path(), "preinst")
+                .as_deref(),
+            Some("/var/lib/dpkg/info/base-passwd.preinst")
+        );
+        assert_eq!(mk("mawk", false).info_file(d.path(), "preinst"), None);
+    }
+
+    #[test]
+    fn tail_keeps_last_lines() {
+        let mut t = Tail::default();
+        for i in 0..5000 {
+            t.push(format!("line {i}\n").as_bytes());
+        }
+        let s = t.text();
+        assert_eq!(s.lines().count(), TAIL_LINES);
+        assert!(s.ends_with("line 4999"));
+    }
+
+    #[test]
+    fn policy_rc_d_in_and_out() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("usr/sbin")).unwrap();
+        let g = PolicyRcd::install(d.path(), None).unwrap();
+        let p = d.path().join(POLICY_RC_D);
+        assert_eq!(
+            std::fs::read_to_string(&p).unwrap(),
+            "#!/bin/sh\nexit 101\n"
+        );
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o755
+        );
+        g.remove().unwrap();
+        assert!(!p.exists());
+        // A pre-existing policy-rc.d is left alone.
+        std::fs::write(&p, "mine").unwrap();
+        drop(PolicyRcd::install(d.path(), None).unwrap());
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "mine");
+        // Dropped without remove() (error path): still cleaned up.
+        std::fs::remove_file(&p).unwrap();
+        drop(PolicyRcd::install(d.path(), None).unwrap());
+        assert!(!p.exists());
+        // usr/sbin as a symlink is refused.
+        let e = tempfile::tempdir().unwrap();
+        std::fs::create_dir(e.path().join("usr")).unwrap();
+        std::os::unix::fs::symlink("/tmp", e.path().join("usr/sbin")).unwrap();
+        assert!(PolicyRcd::install(e.path(), None).is_err());
+    }
+}
