@@ -33,6 +33,11 @@ fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
+/// A path longer than the 100 bytes of a tar header name (GNU LongName).
+fn long_name() -> String {
+    format!("usr/share/long/{}", "x".repeat(120))
+}
+
 #[test]
 fn round_trip_every_compression() {
     for dc in Compression::ALL {
@@ -45,6 +50,7 @@ fn round_trip_every_compression() {
                 .file("usr/bin/hello", 0o755, b"#!/bin/sh\necho hello\n")
                 .file("usr/share/doc/hello/copyright", 0o644, &vec![b'x'; 300_000])
                 .symlink("usr/bin/hi", "hello")
+                .file(&long_name(), 0o644, b"long")
                 .maintainer_script("postinst", "#!/bin/sh\nexit 0\n")
                 .data_compression(dc)
                 .control_compression(cc);
@@ -68,10 +74,13 @@ fn round_trip_every_compression() {
                     "/usr/share/doc",
                     "/usr/share/doc/hello",
                     "/usr/share/doc/hello/copyright",
-                    "/usr/bin/hi"
+                    "/usr/bin/hi",
+                    "/usr/share/long",
+                    &format!("/{}", long_name()),
                 ]
             );
-            assert_eq!(p.data_bytes, 21 + 300_000);
+            assert_eq!(p.data_bytes, 21 + 300_000 + 4);
+            assert_eq!(fs::read(root.join(long_name())).unwrap(), b"long");
             assert_eq!(
                 fs::read(root.join("usr/bin/hello")).unwrap(),
                 b"#!/bin/sh\necho hello\n"
@@ -445,6 +454,28 @@ fn conffiles_flags_and_multi_arch() {
 }
 
 #[test]
+fn unpack_all_reports_the_failing_package() {
+    let t = scratch();
+    let root = t.path().join("root");
+    fs::create_dir(&root).unwrap();
+    let mut inputs: Vec<DebInput> = (0..4)
+        .map(|i| {
+            let b = DebBuilder::new(&format!("ok{i}"), "1", "all").file("usr/share/x", 0o644, b"x");
+            write_deb(t.path(), &format!("ok{i}"), &b)
+        })
+        .collect();
+    let bad = DebBuilder::new("bad", "1", "all").raw_entry("/etc/shadow", b"x");
+    inputs.insert(2, write_deb(t.path(), "bad", &bad));
+    let e = unpack_all(&root, &inputs, &opts(MergedUsr::Yes), &|_| {}).unwrap_err();
+    assert!(e.to_string().contains("package bad"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("entry /etc/shadow escapes the target"),
+        "{e}"
+    );
+}
+
+#[test]
 fn unpack_all_many_packages_in_parallel() {
     let t = scratch();
     let root = t.path().join("root");
@@ -475,4 +506,63 @@ fn unpack_all_many_packages_in_parallel() {
     );
     assert_eq!(fs::read(root.join("bin/p11")).unwrap(), b"bin");
     assert_eq!(fs::read_dir(root.join("usr/lib")).unwrap().count(), 12 * 30);
+}
+
+/// Unpacks every `.deb` in `$NSPAWN_TEST_DEBS` into `$NSPAWN_TEST_OUT` (or a scratch dir) and
+/// prints the time taken. Run explicitly:
+/// `NSPAWN_TEST_DEBS=/path/to/debs cargo test --lib unpack::tests::real_debs -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn real_debs() {
+    let Ok(dir) = std::env::var("NSPAWN_TEST_DEBS") else {
+        eprintln!("SKIP: NSPAWN_TEST_DEBS not set");
+        return;
+    };
+    let mut inputs: Vec<DebInput> = fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "deb"))
+        .map(|path| DebInput {
+            package: path
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .split('_')
+                .next()
+                .unwrap()
+                .to_string(),
+            path,
+        })
+        .collect();
+    inputs.sort_by(|a, b| a.package.cmp(&b.package));
+    let t = scratch();
+    let root = std::env::var("NSPAWN_TEST_OUT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| t.path().join("root"));
+    fs::create_dir_all(&root).unwrap();
+    let jobs = std::env::var("NSPAWN_TEST_JOBS")
+        .ok()
+        .and_then(|j| j.parse().ok())
+        .unwrap_or(0);
+    let start = std::time::Instant::now();
+    let pkgs = unpack_all(
+        &root,
+        &inputs,
+        &UnpackOptions {
+            merged_usr: MergedUsr::Yes,
+            jobs,
+        },
+        &|_| {},
+    )
+    .unwrap();
+    let el = start.elapsed();
+    let bytes: u64 = pkgs.iter().map(|p| p.data_bytes).sum();
+    let entries: usize = pkgs.iter().map(|p| p.paths.len()).sum();
+    eprintln!(
+        "unpacked {} packages, {} entries, {:.1} MiB in {:.3} s",
+        pkgs.len(),
+        entries,
+        bytes as f64 / 1048576.0,
+        el.as_secs_f64()
+    );
 }
