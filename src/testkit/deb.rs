@@ -58,8 +58,7 @@ impl Compression {
             }
             Compression::Zstd => zstd::stream::encode_all(data, 3).expect("zstd to memory"),
             Compression::Bzip2 => {
-                let mut e =
-                    bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::default());
+                let mut e = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::default());
                 e.write_all(data).expect("bzip2 to memory");
                 e.finish().expect("bzip2 to memory")
             }
@@ -163,7 +162,8 @@ impl DebBuilder {
             }
             prefix.push_str(c);
             let name = format!("./{prefix}/");
-            if !self.has(&name) {
+            // Not when the path is already a directory, or a symlink (written through).
+            if !self.has(&name) && !self.has(&format!("./{prefix}")) {
                 self.items.push(Item {
                     name,
                     kind: Kind::Dir,
@@ -253,7 +253,8 @@ impl DebBuilder {
         self.file(path, 0o644, contents)
     }
 
-    /// A control member such as `preinst` or `postinst` (mode 0755).
+    /// A control member such as `preinst` or `postinst` (mode 0755 for scripts, 0644 for other
+    /// names such as `triggers`; a member named `conffiles` replaces the generated one).
     pub fn maintainer_script(mut self, name: &str, body: &str) -> Self {
         self.scripts.push((name.to_string(), body.to_string()));
         self
@@ -342,7 +343,8 @@ impl DebBuilder {
             ("control".into(), 0o644, self.control_stanza().into_bytes()),
             ("md5sums".into(), 0o644, self.md5sums().into_bytes()),
         ];
-        if !self.conffiles.is_empty() {
+        let own_conffiles = self.scripts.iter().any(|(n, _)| n == "conffiles");
+        if !self.conffiles.is_empty() && !own_conffiles {
             let mut c = self.conffiles.join("\n");
             c.push('\n');
             members.push(("conffiles".into(), 0o644, c.into_bytes()));
@@ -357,7 +359,17 @@ impl DebBuilder {
         let mut ctl = TarWriter::default();
         ctl.entry("./", b'5', 0o755, 0, 0, &[], "", (0, 0), &[]);
         for (name, mode, data) in &members {
-            ctl.entry(&format!("./{name}"), b'0', *mode, 0, 0, data, "", (0, 0), &[]);
+            ctl.entry(
+                &format!("./{name}"),
+                b'0',
+                *mode,
+                0,
+                0,
+                data,
+                "",
+                (0, 0),
+                &[],
+            );
         }
         let control_tar = ctl.finish();
 
@@ -378,7 +390,9 @@ impl DebBuilder {
                 Kind::Fifo => (b'6', &[], "", (0, 0)),
                 Kind::Char(ma, mi) => (b'3', &[], "", (*ma, *mi)),
             };
-            dt.entry(&i.name, ty, i.mode, i.uid, i.gid, data, link, dev, &i.xattrs);
+            dt.entry(
+                &i.name, ty, i.mode, i.uid, i.gid, data, link, dev, &i.xattrs,
+            );
         }
         let data_tar = dt.finish();
 
@@ -450,19 +464,46 @@ impl TarWriter {
                 pax.extend_from_slice(v);
                 pax.push(b'\n');
             }
-            self.header("./PaxHeaders/x", b'x', 0o644, 0, 0, pax.len() as u64, "", (0, 0));
+            self.header(
+                "./PaxHeaders/x",
+                b'x',
+                0o644,
+                0,
+                0,
+                pax.len() as u64,
+                "",
+                (0, 0),
+            );
             self.data(&pax);
         }
         if name.len() > 100 {
             let mut d = name.as_bytes().to_vec();
             d.push(0);
-            self.header("././@LongLink", b'L', 0o644, 0, 0, d.len() as u64, "", (0, 0));
+            self.header(
+                "././@LongLink",
+                b'L',
+                0o644,
+                0,
+                0,
+                d.len() as u64,
+                "",
+                (0, 0),
+            );
             self.data(&d);
         }
         if link.len() > 100 {
             let mut d = link.as_bytes().to_vec();
             d.push(0);
-            self.header("././@LongLink", b'K', 0o644, 0, 0, d.len() as u64, "", (0, 0));
+            self.header(
+                "././@LongLink",
+                b'K',
+                0o644,
+                0,
+                0,
+                d.len() as u64,
+                "",
+                (0, 0),
+            );
             self.data(&d);
         }
         self.header(name, ty, mode, uid, gid, data.len() as u64, link, dev);
@@ -493,7 +534,10 @@ impl TarWriter {
         let l = link.as_bytes();
         h[157..157 + l.len().min(100)].copy_from_slice(&l[..l.len().min(100)]);
         h[257..265].copy_from_slice(b"ustar  \0");
-        let (un, gn) = (if uid == 0 { "root" } else { "" }, if gid == 0 { "root" } else { "" });
+        let (un, gn) = (
+            if uid == 0 { "root" } else { "" },
+            if gid == 0 { "root" } else { "" },
+        );
         h[265..265 + un.len()].copy_from_slice(un.as_bytes());
         h[297..297 + gn.len()].copy_from_slice(gn.as_bytes());
         if ty == b'3' || ty == b'4' {
@@ -569,11 +613,7 @@ mod tests {
         let mut names = Vec::new();
         for e in ar.entries().unwrap() {
             let mut e = e.unwrap();
-            let x = e
-                .pax_extensions()
-                .unwrap()
-                .map(|p| p.count())
-                .unwrap_or(0);
+            let x = e.pax_extensions().unwrap().map(|p| p.count()).unwrap_or(0);
             names.push((String::from_utf8(e.path_bytes().to_vec()).unwrap(), x));
         }
         assert_eq!(names, vec![(long, 0), ("./f".to_string(), 1)]);
