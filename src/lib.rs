@@ -17,6 +17,7 @@
 //! * [`testkit`]  — generated `.deb`s and signed test archives for tests and benches.
 
 pub mod archive;
+pub mod bench;
 pub mod bootstrap;
 pub mod dpkg;
 pub mod fetch;

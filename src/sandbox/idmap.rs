@@ -67,9 +67,10 @@ impl IdMap {
 }
 
 /// The `--private-users=` setting of a build.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum PrivateUsers {
     /// No user namespace: the tree is owned by host ids 0..65535.
+    #[default]
     No,
     /// A user namespace mapping 0..65535 to `BASE..BASE+65535`.
     Base(u32),

@@ -3,4 +3,6 @@
 //! Nothing here is used by the product itself.
 
 pub mod deb;
+pub mod http;
+pub mod repo;
 pub mod signing;

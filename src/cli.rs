@@ -1,0 +1,246 @@
+//! The command line: argument parsing and dispatch to the library. Errors become
+//! `anyhow` here and only here.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use nspawn::bootstrap::{self, Options};
+use nspawn::resolve::Variant;
+use nspawn::sandbox::PrivateUsers;
+
+#[derive(Parser)]
+#[command(
+    name = "packer-plugin-nspawn",
+    version,
+    about = "Packer builder for systemd-nspawn machines, with a native Debian/Ubuntu bootstrap"
+)]
+pub struct Cli {
+    /// More log output (repeat for more).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Bootstrap a Debian/Ubuntu root filesystem into TARGET natively.
+    Bootstrap(BootstrapArgs),
+    /// Compare our bootstrap with debootstrap and mmdebstrap, cold and warm.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Suite (default: the host's).
+    #[arg(long)]
+    suite: Option<String>,
+    /// Mirror (default: the host's).
+    #[arg(long)]
+    mirror: Option<String>,
+    #[arg(long, default_value = "minbase")]
+    variant: String,
+    /// Warm runs per tool (after one cold run).
+    #[arg(long, default_value_t = 3)]
+    warm_runs: usize,
+    /// Tools to run, comma-separated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "ours,debootstrap,mmdebstrap"
+    )]
+    tools: Vec<String>,
+    /// Scratch directory for trees and caches.
+    #[arg(long, default_value = "/var/tmp/packer-plugin-nspawn-bench")]
+    scratch: PathBuf,
+    /// Do not mount a tmpfs on the scratch directory.
+    #[arg(long)]
+    no_tmpfs: bool,
+    /// Also write the samples as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct BootstrapArgs {
+    /// Suite or codename (default: the host's, from its APT sources).
+    #[arg(long)]
+    suite: Option<String>,
+    /// Mirror URL: http://, https:// or file:/// (default: the host's).
+    #[arg(long)]
+    mirror: Option<String>,
+    /// Components, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "main")]
+    components: Vec<String>,
+    /// minbase, buildd or default (required + important).
+    #[arg(long, default_value = "minbase", value_parser = |s: &str| s.parse::<Variant>().map_err(|e| e.to_string()))]
+    variant: Variant,
+    /// Extra packages, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    include: Vec<String>,
+    /// Packages to leave out of the seeds, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    exclude: Vec<String>,
+    /// Target architecture (default: the host's).
+    #[arg(long)]
+    arch: Option<String>,
+    /// OpenPGP keyring to verify the archive with (default: the host's archive keyring).
+    #[arg(long)]
+    keyring: Option<PathBuf>,
+    /// Where verified .debs and indices are kept between runs.
+    #[arg(long, default_value = "/var/cache/apt/archives")]
+    cache_dir: PathBuf,
+    /// Print the resolved package names, one per line, and exit.
+    #[arg(long)]
+    print_debs: bool,
+    /// Use only the cache dir (or a file:// mirror): no network.
+    #[arg(long)]
+    offline: bool,
+    /// Accept a Release whose Valid-Until has passed.
+    #[arg(long)]
+    ignore_valid_until: bool,
+    /// Parallel downloads and unpack workers.
+    #[arg(long)]
+    jobs: Option<usize>,
+    /// Replace an existing TARGET (only once the new tree is complete).
+    #[arg(long)]
+    force: bool,
+    /// No progress output.
+    #[arg(short, long)]
+    quiet: bool,
+    /// Stop after unpacking (no maintainer scripts), like debootstrap --foreign.
+    #[arg(long)]
+    foreign: bool,
+    /// Build the tree for a user namespace: `no`, `pick` or a base uid (multiple of 65536).
+    #[arg(long, default_value = "no", value_parser = |s: &str| PrivateUsers::parse(s))]
+    private_users: PrivateUsers,
+    /// Where the root filesystem goes (built beside it, renamed on success).
+    #[arg(required_unless_present = "print_debs")]
+    target: Option<PathBuf>,
+}
+
+fn run_bootstrap(a: BootstrapArgs) -> anyhow::Result<()> {
+    let opts = Options {
+        suite: a.suite,
+        mirror: a.mirror,
+        components: a.components,
+        variant: a.variant,
+        include: a.include.into_iter().filter(|s| !s.is_empty()).collect(),
+        exclude: a.exclude.into_iter().filter(|s| !s.is_empty()).collect(),
+        arch: a.arch,
+        keyring: a.keyring,
+        cache_dir: a.cache_dir,
+        offline: a.offline,
+        ignore_valid_until: a.ignore_valid_until,
+        jobs: a.jobs,
+        force: a.force,
+        quiet: a.quiet,
+        foreign: a.foreign,
+        private_users: a.private_users,
+    };
+    if a.print_debs {
+        for p in bootstrap::print_debs(&opts)? {
+            println!("{p}");
+        }
+        return Ok(());
+    }
+    let target = a.target.context("TARGET is required")?;
+    let out = bootstrap::bootstrap(&opts, &target)?;
+    for w in &out.warnings {
+        eprintln!("W: {w}");
+    }
+    let t = &out.timings;
+    eprintln!(
+        "I: {} packages {} into {} in {:.2}s (resolve {:.2}s, download {:.2}s: {} fetched / {} cached, {:.1} MiB; unpack {:.2}s, {:.1} MiB; dpkg database {:.2}s; id shift {:.2}s; configure {:.2}s)",
+        out.packages,
+        if out.configured { "installed" } else { "unpacked" },
+        out.target.display(),
+        t.total,
+        t.resolve,
+        t.download,
+        t.downloaded_packages,
+        t.cached_packages,
+        t.download_bytes as f64 / 1048576.0,
+        t.unpack,
+        t.unpack_bytes as f64 / 1048576.0,
+        t.dpkg_db,
+        t.id_shift,
+        t.configure
+    );
+    if let Some(b) = out.private_users_base {
+        eprintln!("I: the tree is owned by ids {b}..{}; boot it with systemd-nspawn --private-users={b}:65536 --private-users-ownership=off", b as u64 + 65535);
+    }
+    if !out.configured {
+        eprintln!(
+            "I: --foreign: maintainer scripts were not run; every package is 'install ok unpacked'"
+        );
+    }
+    Ok(())
+}
+
+fn run_bench(a: BenchArgs) -> anyhow::Result<()> {
+    use nspawn::bench;
+    let host = nspawn::archive::sources::host_defaults();
+    let mirror = a
+        .mirror
+        .or_else(|| host.as_ref().map(|h| h.mirror.clone()))
+        .context("no --mirror and none in the host's APT sources")?;
+    let suite = a
+        .suite
+        .or_else(|| host.as_ref().map(|h| h.suite.clone()))
+        .context("no --suite and none in the host's APT sources")?;
+    let _tmpfs = if a.no_tmpfs {
+        None
+    } else {
+        Some(bench::TmpfsGuard::mount(&a.scratch)?)
+    };
+    let spec = bench::BenchSpec {
+        suite,
+        variant: a.variant,
+        mirror,
+        warm_runs: a.warm_runs,
+        scratch: a.scratch.clone(),
+        ours: std::env::current_exe().context("locating our own executable")?,
+        tools: a.tools.clone(),
+    };
+    let samples = bench::run(&spec)?;
+    println!(
+        "{} {} from {} ({} warm runs; ours = to the end of unpack)\n",
+        spec.suite, spec.variant, spec.mirror, spec.warm_runs
+    );
+    println!("{}", bench::table(&samples, &a.tools));
+    if let Some(j) = a.json {
+        std::fs::write(&j, serde_json::to_vec_pretty(&samples)?)
+            .with_context(|| format!("writing {}", j.display()))?;
+    }
+    Ok(())
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let level = match cli.verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("NSPAWN_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
+        )
+        .init();
+    let r = match cli.command {
+        Command::Bootstrap(a) => run_bootstrap(a),
+        Command::Bench(a) => run_bench(a),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
