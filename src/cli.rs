@@ -140,6 +140,12 @@ fn run_bootstrap(a: BootstrapArgs) -> anyhow::Result<()> {
         foreign: a.foreign,
         private_users: a.private_users,
     };
+    if opts.offline {
+        // No uplink for the whole run, not only the second stage: a fresh network
+        // namespace (loopback only) before any thread or socket exists.
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+            .context("--offline: creating a network namespace without uplink (needs root)")?;
+    }
     if a.print_debs {
         for p in bootstrap::print_debs(&opts)? {
             println!("{p}");

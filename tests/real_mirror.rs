@@ -1,86 +1,133 @@
-//! Against the host's real mirror (read from its APT sources at run time): a full
-//! bookworm minbase bootstrap to the end of unpack. Skips with a reason when
+//! Against the host's real mirror (read from its APT sources at run time): full
+//! bookworm minbase bootstraps — plain, offline from the cache, and owned by a
+//! shifted id range — checked with the tree's own dpkg. Skips with a reason when
 //! there is no http mirror or it cannot be reached.
 
-use std::path::Path;
-use std::process::Command;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 
-#[test]
-fn bookworm_minbase_unpacks_completely() {
-    let Some(host) = nspawn::archive::sources::host_defaults() else {
-        eprintln!("SKIP: no APT sources on this host");
-        return;
-    };
-    if !host.mirror.starts_with("http") {
-        eprintln!("SKIP: host mirror {} is not http(s)", host.mirror);
-        return;
+/// A cache that outlives the test keeps repeated runs fast and offline-capable.
+const CACHE: &str = "/var/tmp/packer-plugin-nspawn-test-cache";
+
+/// A scratch tmpfs (deleting trees on this disk is slow); unmounted on drop.
+struct Scratch(tempfile::TempDir);
+
+impl Scratch {
+    fn new() -> Scratch {
+        let d = tempfile::Builder::new().prefix("real-").tempdir_in("/var/tmp").unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "mode=0755", "tmpfs"])
+            .arg(d.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            eprintln!("note: no tmpfs for scratch, using the disk");
+        }
+        Scratch(d)
     }
-    // A cache that outlives the test keeps repeated runs fast and offline-capable.
-    let cache = Path::new("/var/tmp/packer-plugin-nspawn-test-cache");
-    let scratch = tempfile::Builder::new()
-        .prefix("real-minbase-")
-        .tempdir_in("/var/tmp")
-        .unwrap();
-    let target = scratch.path().join("bookworm");
-    let out = Command::new(env!("CARGO_BIN_EXE_packer-plugin-nspawn"))
-        .args([
-            "bootstrap",
-            "--quiet",
-            "--suite",
-            "bookworm",
-            "--variant",
-            "minbase",
-        ])
+    fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(self.0.path()).status();
+    }
+}
+
+fn mirror() -> Option<String> {
+    let host = nspawn::archive::sources::host_defaults()?;
+    host.mirror.starts_with("http").then_some(host.mirror)
+}
+
+fn bootstrap(mirror: &str, target: &Path, extra: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_packer-plugin-nspawn"))
+        .args(["bootstrap", "--quiet", "--suite", "bookworm", "--variant", "minbase"])
         .arg("--mirror")
-        .arg(&host.mirror)
+        .arg(mirror)
         .arg("--cache-dir")
-        .arg(cache)
-        .arg(&target)
+        .arg(CACHE)
+        .args(extra)
+        .arg(target)
+        .output()
+        .unwrap()
+}
+
+fn unreachable(out: &Output) -> bool {
+    let err = String::from_utf8_lossy(&out.stderr);
+    !out.status.success() && (err.contains("resolve host") || err.contains("connect"))
+}
+
+/// `dpkg-query` and `dpkg --audit/--verify` of the tree, run by its own dpkg.
+fn dpkg_state(root: &Path) -> (Vec<String>, String) {
+    let q = Command::new("chroot")
+        .arg(root)
+        .args(["dpkg-query", "-W", "-f", "${db:Status-Abbrev}${Package}\n"])
         .output()
         .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    if !out.status.success() && (err.contains("resolve host") || err.contains("connect")) {
-        eprintln!("SKIP: mirror {} unreachable: {err}", host.mirror);
+    assert!(q.status.success(), "{}", String::from_utf8_lossy(&q.stderr));
+    let mut lines: Vec<String> = String::from_utf8_lossy(&q.stdout).lines().map(String::from).collect();
+    lines.sort();
+    let mut problems = String::new();
+    for args in [&["dpkg", "--audit"][..], &["dpkg", "--verify"][..]] {
+        let o = Command::new("chroot").arg(root).args(args).output().unwrap();
+        problems.push_str(&String::from_utf8_lossy(&o.stdout));
+    }
+    (lines, problems)
+}
+
+#[test]
+fn bookworm_minbase_full_offline_and_private_users() {
+    let Some(mirror) = mirror() else {
+        eprintln!("SKIP: no http(s) mirror in the host's APT sources");
+        return;
+    };
+    let scratch = Scratch::new();
+
+    // 1. A full bootstrap: every package configured, dpkg finds nothing to complain about.
+    let plain: PathBuf = scratch.path().join("plain");
+    let out = bootstrap(&mirror, &plain, &[]);
+    if unreachable(&out) {
+        eprintln!("SKIP: mirror {mirror} unreachable: {}", String::from_utf8_lossy(&out.stderr));
         return;
     }
-    assert!(out.status.success(), "bootstrap failed: {err}");
-    eprintln!("{err}");
-
+    assert!(out.status.success(), "bootstrap failed: {}", String::from_utf8_lossy(&out.stderr));
     for d in ["bin", "sbin", "lib", "lib64"] {
-        assert_eq!(
-            std::fs::read_link(target.join(d)).unwrap(),
-            Path::new("usr").join(d),
-            "/{d} is merged into /usr"
-        );
+        assert_eq!(std::fs::read_link(plain.join(d)).unwrap(), Path::new("usr").join(d));
     }
-    for f in [
-        "usr/bin/bash",
-        "usr/bin/dpkg",
-        "usr/bin/apt",
-        "etc/debian_version",
-    ] {
-        assert!(target.join(f).exists(), "{f} present");
-    }
-    let status = std::fs::read_to_string(target.join("var/lib/dpkg/status")).unwrap();
-    let n = status.matches("\nStatus: install ok unpacked\n").count();
-    assert_eq!(n, 88, "every bookworm minbase package recorded as unpacked");
-    assert!(target.join("var/lib/dpkg/info/libc6:amd64.list").exists());
-    assert!(target
-        .join("var/lib/dpkg/info/base-passwd.preinst")
-        .exists());
-    // dpkg itself reads the database we wrote.
-    if Path::new("/usr/bin/dpkg-query").exists() {
-        let q = Command::new("dpkg-query")
-            .arg(format!(
-                "--admindir={}",
-                target.join("var/lib/dpkg").display()
-            ))
-            .args(["-W", "-f", "${db:Status-Abbrev} ${Package}\n"])
-            .output()
-            .unwrap();
-        assert!(q.status.success(), "{}", String::from_utf8_lossy(&q.stderr));
-        let text = String::from_utf8_lossy(&q.stdout);
-        assert_eq!(text.lines().count(), 88);
-        assert!(text.lines().all(|l| l.starts_with("iU ")), "{text}");
-    }
+    let (pkgs, problems) = dpkg_state(&plain);
+    assert_eq!(pkgs.len(), 88, "{pkgs:?}");
+    assert!(pkgs.iter().all(|l| l.starts_with("ii ")), "{pkgs:?}");
+    assert_eq!(problems, "", "dpkg --audit / --verify");
+    assert!(!plain.join("usr/sbin/policy-rc.d").exists(), "policy-rc.d removed");
+    assert!(plain.join("var/log/bootstrap.log").exists());
+
+    // 2. --foreign stops after unpack: every package unpacked, not configured.
+    let foreign = scratch.path().join("foreign");
+    let out = bootstrap(&mirror, &foreign, &["--foreign"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let status = std::fs::read_to_string(foreign.join("var/lib/dpkg/status")).unwrap();
+    assert_eq!(status.matches("\nStatus: install ok unpacked\n").count(), 88);
+
+    // 3. Offline from the cache the first run filled: the same package set.
+    let offline = scratch.path().join("offline");
+    let out = bootstrap(&mirror, &offline, &["--offline"]);
+    assert!(out.status.success(), "offline: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(dpkg_state(&offline).0, pkgs);
+
+    // 4. Owned by a shifted id range, configured in a user namespace.
+    let base: u32 = 0x6_0000 * 16; // 6291456, a multiple of 65536
+    let shifted = scratch.path().join("shifted");
+    let out = bootstrap(&mirror, &shifted, &["--private-users", &base.to_string()]);
+    assert!(out.status.success(), "userns: {}", String::from_utf8_lossy(&out.stderr));
+    let shadow = std::fs::metadata(shifted.join("etc/shadow")).unwrap();
+    assert_eq!((shadow.uid(), shadow.gid()), (base, base + 42));
+    let root = std::fs::metadata(&shifted).unwrap();
+    assert_eq!(root.uid(), base);
+    let su = std::fs::metadata(shifted.join("usr/bin/su")).unwrap();
+    assert_eq!(su.mode() & 0o7777, 0o4755, "setuid kept through the shift");
+    let (upkgs, _) = dpkg_state(&shifted);
+    assert_eq!(upkgs, pkgs);
 }
