@@ -565,4 +565,7 @@ fn real_debs() {
         bytes as f64 / 1048576.0,
         el.as_secs_f64()
     );
+    let start = std::time::Instant::now();
+    crate::dpkg::write_database(&root, "amd64", &pkgs, "").unwrap();
+    eprintln!("dpkg database written in {:.3} s", start.elapsed().as_secs_f64());
 }
