@@ -567,5 +567,8 @@ fn real_debs() {
     );
     let start = std::time::Instant::now();
     crate::dpkg::write_database(&root, "amd64", &pkgs, "").unwrap();
-    eprintln!("dpkg database written in {:.3} s", start.elapsed().as_secs_f64());
+    eprintln!(
+        "dpkg database written in {:.3} s",
+        start.elapsed().as_secs_f64()
+    );
 }
