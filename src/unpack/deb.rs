@@ -12,6 +12,10 @@ pub(crate) const BUF: usize = 256 * 1024;
 
 const AR_MAGIC: &[u8; 8] = b"!<arch>\n";
 
+/// Consumer of the decompressed `data.tar` stream (it also sees the control members).
+pub(crate) type DataFn<'f> =
+    dyn FnMut(&mut dyn Read, &ControlMembers) -> Result<(), UnpackError> + 'f;
+
 /// Compressed tar member kinds we accept, by ar member name suffix.
 fn decoder<'a, R: Read + 'a>(
     ctx: &Ctx,
@@ -46,7 +50,7 @@ fn decoder<'a, R: Read + 'a>(
 pub(crate) fn read_deb(
     ctx: &Ctx,
     deb: &Path,
-    mut data: Option<&mut dyn FnMut(&mut dyn Read, &ControlMembers) -> Result<(), UnpackError>>,
+    mut data: Option<&mut DataFn<'_>>,
 ) -> Result<ControlMembers, UnpackError> {
     let file = File::open(deb).map_err(|e| ctx.io("opening the .deb".into(), e))?;
     let mut reader = BufReader::with_capacity(BUF, file);

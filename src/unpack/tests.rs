@@ -269,6 +269,27 @@ fn existing_directory_symlink_is_kept() {
         .is_symlink());
     assert_eq!(fs::read(root.join("usr/share/real/a")).unwrap(), b"a");
     assert_eq!(fs::read(root.join("usr/share/real/b")).unwrap(), b"b");
+
+    // Pre-created merged-/usr links (MergedUsr::No): ./bin/ is kept as the link, and a symlink
+    // entry over an existing real directory leaves the directory alone.
+    fs::create_dir_all(root.join("usr/bin")).unwrap();
+    std::os::unix::fs::symlink("usr/bin", root.join("bin")).unwrap();
+    fs::create_dir_all(root.join("opt/keep")).unwrap();
+    let b = DebBuilder::new("legacy", "1", "amd64")
+        .dir("bin", 0o755)
+        .file("bin/sh", 0o755, b"sh")
+        .symlink("opt/keep", "elsewhere");
+    let input = write_deb(t.path(), "legacy", &b);
+    let p = unpack_one(&root, &input, &opts(MergedUsr::No)).unwrap();
+    assert_eq!(
+        fs::read_link(root.join("bin")).unwrap(),
+        Path::new("usr/bin")
+    );
+    assert_eq!(fs::read(root.join("usr/bin/sh")).unwrap(), b"sh");
+    assert!(fs::symlink_metadata(root.join("opt/keep"))
+        .unwrap()
+        .is_dir());
+    assert!(p.paths.contains(&"/bin/sh".to_string()));
 }
 
 #[test]
@@ -564,5 +585,11 @@ fn real_debs() {
         entries,
         bytes as f64 / 1048576.0,
         el.as_secs_f64()
+    );
+    let start = std::time::Instant::now();
+    crate::dpkg::write_database(&root, "amd64", &pkgs, "").unwrap();
+    eprintln!(
+        "dpkg database written in {:.3} s",
+        start.elapsed().as_secs_f64()
     );
 }
