@@ -15,7 +15,10 @@ struct Scratch(tempfile::TempDir);
 
 impl Scratch {
     fn new() -> Scratch {
-        let d = tempfile::Builder::new().prefix("real-").tempdir_in("/var/tmp").unwrap();
+        let d = tempfile::Builder::new()
+            .prefix("real-")
+            .tempdir_in("/var/tmp")
+            .unwrap();
         let ok = Command::new("mount")
             .args(["-t", "tmpfs", "-o", "mode=0755", "tmpfs"])
             .arg(d.path())
@@ -44,7 +47,14 @@ fn mirror() -> Option<String> {
 
 fn bootstrap(mirror: &str, target: &Path, extra: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_packer-plugin-nspawn"))
-        .args(["bootstrap", "--quiet", "--suite", "bookworm", "--variant", "minbase"])
+        .args([
+            "bootstrap",
+            "--quiet",
+            "--suite",
+            "bookworm",
+            "--variant",
+            "minbase",
+        ])
         .arg("--mirror")
         .arg(mirror)
         .arg("--cache-dir")
@@ -68,11 +78,18 @@ fn dpkg_state(root: &Path) -> (Vec<String>, String) {
         .output()
         .unwrap();
     assert!(q.status.success(), "{}", String::from_utf8_lossy(&q.stderr));
-    let mut lines: Vec<String> = String::from_utf8_lossy(&q.stdout).lines().map(String::from).collect();
+    let mut lines: Vec<String> = String::from_utf8_lossy(&q.stdout)
+        .lines()
+        .map(String::from)
+        .collect();
     lines.sort();
     let mut problems = String::new();
     for args in [&["dpkg", "--audit"][..], &["dpkg", "--verify"][..]] {
-        let o = Command::new("chroot").arg(root).args(args).output().unwrap();
+        let o = Command::new("chroot")
+            .arg(root)
+            .args(args)
+            .output()
+            .unwrap();
         problems.push_str(&String::from_utf8_lossy(&o.stdout));
     }
     (lines, problems)
@@ -90,38 +107,66 @@ fn bookworm_minbase_full_offline_and_private_users() {
     let plain: PathBuf = scratch.path().join("plain");
     let out = bootstrap(&mirror, &plain, &[]);
     if unreachable(&out) {
-        eprintln!("SKIP: mirror {mirror} unreachable: {}", String::from_utf8_lossy(&out.stderr));
+        eprintln!(
+            "SKIP: mirror {mirror} unreachable: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         return;
     }
-    assert!(out.status.success(), "bootstrap failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "bootstrap failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for d in ["bin", "sbin", "lib", "lib64"] {
-        assert_eq!(std::fs::read_link(plain.join(d)).unwrap(), Path::new("usr").join(d));
+        assert_eq!(
+            std::fs::read_link(plain.join(d)).unwrap(),
+            Path::new("usr").join(d)
+        );
     }
     let (pkgs, problems) = dpkg_state(&plain);
     assert_eq!(pkgs.len(), 88, "{pkgs:?}");
     assert!(pkgs.iter().all(|l| l.starts_with("ii ")), "{pkgs:?}");
     assert_eq!(problems, "", "dpkg --audit / --verify");
-    assert!(!plain.join("usr/sbin/policy-rc.d").exists(), "policy-rc.d removed");
+    assert!(
+        !plain.join("usr/sbin/policy-rc.d").exists(),
+        "policy-rc.d removed"
+    );
     assert!(plain.join("var/log/bootstrap.log").exists());
 
     // 2. --foreign stops after unpack: every package unpacked, not configured.
     let foreign = scratch.path().join("foreign");
     let out = bootstrap(&mirror, &foreign, &["--foreign"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let status = std::fs::read_to_string(foreign.join("var/lib/dpkg/status")).unwrap();
-    assert_eq!(status.matches("\nStatus: install ok unpacked\n").count(), 88);
+    assert_eq!(
+        status.matches("\nStatus: install ok unpacked\n").count(),
+        88
+    );
 
     // 3. Offline from the cache the first run filled: the same package set.
     let offline = scratch.path().join("offline");
     let out = bootstrap(&mirror, &offline, &["--offline"]);
-    assert!(out.status.success(), "offline: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "offline: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(dpkg_state(&offline).0, pkgs);
 
     // 4. Owned by a shifted id range, configured in a user namespace.
     let base: u32 = 0x6_0000 * 16; // 6291456, a multiple of 65536
     let shifted = scratch.path().join("shifted");
     let out = bootstrap(&mirror, &shifted, &["--private-users", &base.to_string()]);
-    assert!(out.status.success(), "userns: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "userns: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let shadow = std::fs::metadata(shifted.join("etc/shadow")).unwrap();
     assert_eq!((shadow.uid(), shadow.gid()), (base, base + 42));
     let root = std::fs::metadata(&shifted).unwrap();
