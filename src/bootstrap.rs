@@ -394,6 +394,7 @@ impl Staging {
             path: parent.into(),
             source,
         })?;
+        remove_stale(parent, &name);
         let path = parent.join(format!(".{name}.staging-{}", std::process::id()));
         if path.exists() {
             let _ = std::fs::remove_dir_all(&path);
@@ -405,6 +406,10 @@ impl Staging {
         // Root of the new system: 0755 whatever the umask.
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755));
+        IN_FLIGHT
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(path.clone());
         Ok(Staging {
             path,
             target,
@@ -446,6 +451,48 @@ impl Drop for Staging {
     fn drop(&mut self) {
         if !self.committed {
             let _ = remove_tree(&self.path);
+        }
+        IN_FLIGHT
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|p| p != &self.path);
+    }
+}
+
+/// Staging trees of this process not yet committed or removed (for signal handlers).
+static IN_FLIGHT: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+/// Removes every staging tree this process is building: called on Ctrl-C/SIGTERM
+/// before exiting, so an interrupted run leaves nothing behind.
+pub fn remove_in_flight() {
+    let paths = std::mem::take(&mut *IN_FLIGHT.lock().unwrap_or_else(|e| e.into_inner()));
+    for p in paths {
+        let _ = remove_tree(&p);
+    }
+}
+
+/// Removes `.NAME.staging-PID` and `.NAME.old-PID` leftovers of runs that were
+/// killed (PID no longer alive), e.g. by SIGKILL, which no handler can catch.
+fn remove_stale(parent: &Path, name: &str) {
+    let Ok(rd) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let f = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = f
+            .strip_prefix(&format!(".{name}.staging-"))
+            .or_else(|| f.strip_prefix(&format!(".{name}.old-")))
+        else {
+            continue;
+        };
+        let Ok(pid) = rest.parse::<i32>() else {
+            continue;
+        };
+        let alive = pid as u32 == std::process::id()
+            || nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
+        if !alive {
+            tracing::info!("removing {} left by an interrupted run", e.path().display());
+            let _ = remove_tree(&e.path());
         }
     }
 }
@@ -748,6 +795,24 @@ pub fn merged_usr(codename: &str, variant: Variant) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stale_staging_of_dead_runs_is_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        // pid 2^22+1 is above pid_max's default and never alive.
+        let stale = dir.path().join(".m.staging-4194305");
+        std::fs::create_dir_all(stale.join("etc")).unwrap();
+        let other = dir.path().join(".other.staging-4194305");
+        std::fs::create_dir(&other).unwrap();
+        let s = Staging::new(&dir.path().join("m"), false).unwrap();
+        assert!(!stale.exists(), "a dead run's staging tree is gone");
+        assert!(
+            other.exists(),
+            "another machine's staging tree is not ours to touch"
+        );
+        drop(s);
+        remove_in_flight();
+    }
 
     #[test]
     fn hostnames() {

@@ -121,6 +121,26 @@ struct BootstrapArgs {
     target: Option<PathBuf>,
 }
 
+/// Blocks SIGINT/SIGTERM/SIGHUP in every thread (call before any thread starts) and
+/// handles them on one thread: remove the staging trees in flight, then exit 130/143.
+fn install_interrupt_cleanup() {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        set.add(s);
+    }
+    if set.thread_block().is_err() {
+        return;
+    }
+    std::thread::spawn(move || {
+        if let Ok(sig) = set.wait() {
+            eprintln!("interrupted ({sig}): removing the unfinished tree");
+            bootstrap::remove_in_flight();
+            std::process::exit(128 + sig as i32);
+        }
+    });
+}
+
 fn run_bootstrap(a: BootstrapArgs) -> anyhow::Result<()> {
     let opts = Options {
         suite: a.suite,
@@ -140,6 +160,7 @@ fn run_bootstrap(a: BootstrapArgs) -> anyhow::Result<()> {
         foreign: a.foreign,
         private_users: a.private_users,
     };
+    install_interrupt_cleanup();
     if opts.offline {
         // No uplink for the whole run, not only the second stage: a fresh network
         // namespace (loopback only) before any thread or socket exists.

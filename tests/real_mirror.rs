@@ -7,6 +7,10 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// The tests here run one at a time: they share the cache, and one checks that no
+/// sandbox process of any run is left.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// A cache that outlives the test keeps repeated runs fast and offline-capable.
 const CACHE: &str = "/var/tmp/packer-plugin-nspawn-test-cache";
 
@@ -97,6 +101,7 @@ fn dpkg_state(root: &Path) -> (Vec<String>, String) {
 
 #[test]
 fn bookworm_minbase_full_offline_and_private_users() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let Some(mirror) = mirror() else {
         eprintln!("SKIP: no http(s) mirror in the host's APT sources");
         return;
@@ -175,4 +180,146 @@ fn bookworm_minbase_full_offline_and_private_users() {
     assert_eq!(su.mode() & 0o7777, 0o4755, "setuid kept through the shift");
     let (upkgs, _) = dpkg_state(&shifted);
     assert_eq!(upkgs, pkgs);
+}
+
+fn staging_of(dir: &Path) -> Option<PathBuf> {
+    std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .contains(".staging-")
+        })
+}
+
+fn spawn_bootstrap(mirror: &str, target: &Path) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_packer-plugin-nspawn"))
+        .args([
+            "bootstrap",
+            "--quiet",
+            "--suite",
+            "bookworm",
+            "--variant",
+            "minbase",
+        ])
+        .arg("--mirror")
+        .arg(mirror)
+        .arg("--cache-dir")
+        .arg(CACHE)
+        .arg(target)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits until the run is unpacking or configuring (its staging tree has dpkg's database).
+fn wait_for_staging(dir: &Path, child: &mut std::process::Child) -> bool {
+    for _ in 0..600 {
+        if let Some(s) = staging_of(dir) {
+            if s.join("var/lib/dpkg/status").exists() {
+                return true;
+            }
+        }
+        if child.try_wait().unwrap().is_some() {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    false
+}
+
+#[test]
+fn interrupted_runs_leave_no_tree_and_touch_no_existing_one() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mirror) = mirror() else {
+        eprintln!("SKIP: no http(s) mirror in the host's APT sources");
+        return;
+    };
+    let scratch = Scratch::new();
+    let target = scratch.path().join("m");
+
+    // Ctrl-C (SIGINT) during the second stage: nothing at TARGET, no staging tree left,
+    // no process of the run left (its sandbox dies with it).
+    let mut child = spawn_bootstrap(&mirror, &target);
+    if !wait_for_staging(scratch.path(), &mut child) {
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        if unreachable(&out) {
+            eprintln!("SKIP: mirror unreachable: {err}");
+            return;
+        }
+        panic!("the run ended before it could be interrupted: {err}");
+    }
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    assert!(!status.success());
+    assert!(!target.exists(), "no tree at TARGET after Ctrl-C");
+    assert!(staging_of(scratch.path()).is_none(), "staging tree removed");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let ps = Command::new("pgrep")
+        .args(["-f", "__sandbox-child"])
+        .output()
+        .unwrap();
+    assert!(
+        ps.stdout.is_empty(),
+        "no sandbox helper left: {}",
+        String::from_utf8_lossy(&ps.stdout)
+    );
+
+    // An existing machine survives a run killed with SIGKILL over it (with --force).
+    std::fs::create_dir_all(target.join("etc")).unwrap();
+    std::fs::write(target.join("etc/keep"), b"precious").unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_packer-plugin-nspawn"))
+        .args([
+            "bootstrap",
+            "--quiet",
+            "--force",
+            "--suite",
+            "bookworm",
+            "--variant",
+            "minbase",
+        ])
+        .arg("--mirror")
+        .arg(&mirror)
+        .arg("--cache-dir")
+        .arg(CACHE)
+        .arg(&target)
+        .spawn()
+        .unwrap();
+    assert!(
+        wait_for_staging(scratch.path(), &mut child),
+        "run reached unpack"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(std::fs::read(target.join("etc/keep")).unwrap(), b"precious");
+    assert!(
+        staging_of(scratch.path()).is_some(),
+        "SIGKILL leaves a staging tree (not at TARGET)"
+    );
+    // Without --force the existing target is refused before anything happens.
+    let out = bootstrap(&mirror, &target, &[]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
+    assert_eq!(std::fs::read(target.join("etc/keep")).unwrap(), b"precious");
+    // With --force, the next run removes the dead run's staging tree and replaces the target.
+    let out = bootstrap(&mirror, &target, &["--force", "--foreign"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        staging_of(scratch.path()).is_none(),
+        "dead run's staging tree removed"
+    );
+    assert!(!target.join("etc/keep").exists() && target.join("usr/bin/dpkg").exists());
 }

@@ -39,6 +39,15 @@ pub(super) fn helper_main(fd: i32) -> u8 {
 }
 
 fn helper(sock: &OwnedFd) -> Result<u8, String> {
+    // Die with the process that started us (the calling thread waits for us, so it
+    // outlives a normal run), and take signals again: a parent may block them to
+    // handle Ctrl-C on a thread of its own, and the mask survives exec.
+    let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
+    let _ = nix::sys::signal::sigprocmask(
+        nix::sys::signal::SigmaskHow::SIG_SETMASK,
+        Some(&nix::sys::signal::SigSet::empty()),
+        None,
+    );
     let spec: ChildSpec = match proto::recv(sock)? {
         Some(Msg::Spec(json)) => {
             serde_json::from_str(&json).map_err(|e| format!("decode spec: {e}"))?
