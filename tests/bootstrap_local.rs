@@ -198,6 +198,11 @@ fn http_bootstrap_unpacks_everything_and_reuses_connections() {
     let b = std::fs::metadata(target.join("usr/bin/uncompress")).unwrap();
     assert_eq!(a.ino(), b.ino(), "hardlink kept");
     assert_eq!(
+        xattr::get(target.join("usr/bin/ping"), "security.capability").unwrap(),
+        Some(nspawn::testkit::repo::CAP_NET_RAW_V2.to_vec()),
+        "file capability kept"
+    );
+    assert_eq!(
         std::fs::read_link(target.join("usr/bin/awk")).unwrap(),
         PathBuf::from("mawk")
     );

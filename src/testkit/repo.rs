@@ -172,6 +172,12 @@ impl TestRepo {
     }
 }
 
+/// `security.capability` v2 value granting cap_net_raw (bit 13) permitted + effective.
+pub const CAP_NET_RAW_V2: [u8; 20] = [
+    0x01, 0x00, 0x00, 0x02, 0x00, 0x20, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+    0x00, 0x00, 0x00, 0x00,
+];
+
 /// A small archive that looks like a Debian suite to the resolver: a required
 /// set with merged-/usr paths, a setuid file, a hardlink, a conffile, a
 /// maintainer script, an Essential package and a versioned dependency.
@@ -194,6 +200,9 @@ pub fn sample_repo(root: &Path, suite: &str) -> TestRepo {
             .control_field("Provides", "awk")
             .control_field("Depends", "libc6 (>= 2.30)")
             .file("usr/bin/mawk", 0o755, b"#!/bin/sh\necho mawk\n")
+            // A v2 file capability (cap_net_raw+ep), as real root would write it.
+            .file("usr/bin/ping", 0o755, b"ping")
+            .xattr("usr/bin/ping", "security.capability", &CAP_NET_RAW_V2)
             .symlink("usr/bin/awk", "mawk"),
     );
     r.add(
