@@ -21,6 +21,14 @@ use super::{run, ExitStatusInfo, SandboxError, SandboxSpec, DEFAULT_PATH};
 
 const ADMINDIR: &str = "/var/lib/dpkg";
 const POLICY_RC_D: &str = "usr/sbin/policy-rc.d";
+/// Prefix of the driver script's failure line.
+const MARK: &str = "@@stage2-failed ";
+
+/// Single-quotes `s` for sh.
+fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
 /// Lines of output kept for error messages.
 const TAIL_LINES: usize = 15;
 
@@ -55,41 +63,58 @@ pub fn second_stage(
 
     let mut order: Vec<&Pkg> = pkgs.iter().filter(|p| p.unpacked()).collect();
     order.sort_by_key(|p| p.name != "base-passwd"); // stable: the rest keep status order
+
+    // One sandbox for the whole stage: a driver script runs every preinst with the
+    // environment dpkg gives it, then `dpkg --configure -a`. Setting up namespaces
+    // and mounts once instead of once per script saves most of the stage's overhead.
+    spec.set_env("DPKG_MAINTSCRIPT_PACKAGE_REFCOUNT", "1");
+    spec.set_env("DPKG_ROOT", "");
+    spec.set_env("DPKG_ADMINDIR", ADMINDIR);
+    if let Some(v) = &dpkg_version {
+        spec.set_env("DPKG_RUNNING_VERSION", v);
+    }
+    let mut script = String::from("set -u\n");
     for pkg in order {
-        let Some(script) = pkg.info_file(root, "preinst") else {
+        let Some(path) = pkg.info_file(root, "preinst") else {
             continue;
         };
-        let mut s = spec.clone();
-        s.set_env("DPKG_MAINTSCRIPT_PACKAGE", &pkg.name);
-        s.set_env("DPKG_MAINTSCRIPT_PACKAGE_REFCOUNT", "1");
-        s.set_env("DPKG_MAINTSCRIPT_ARCH", &pkg.arch);
-        s.set_env("DPKG_MAINTSCRIPT_NAME", "preinst");
-        s.set_env("DPKG_ROOT", "");
-        s.set_env("DPKG_ADMINDIR", ADMINDIR);
-        if let Some(v) = &dpkg_version {
-            s.set_env("DPKG_RUNNING_VERSION", v);
-        }
-        writeln!(log, "I: running preinst install of {}", pkg.name).map_err(SandboxError::Log)?;
-        run_logged(
-            &s,
-            &[script, "install".into()],
-            log,
-            &format!("preinst of {}", pkg.name),
-        )?;
+        // Package names, architectures and info paths are [a-z0-9.+:/_-]: no quoting issues,
+        // but quote anyway so a hostile name cannot become shell syntax.
+        let (n, a, p) = (sh_quote(&pkg.name), sh_quote(&pkg.arch), sh_quote(&path));
+        script.push_str(&format!(
+            "echo {msg}\n\
+             DPKG_MAINTSCRIPT_PACKAGE={n} DPKG_MAINTSCRIPT_ARCH={a} DPKG_MAINTSCRIPT_NAME=preinst {p} install \
+             || {{ rc=$?; echo \"{MARK}preinst of \"{n}\" exited with status $rc\"; exit $rc; }}\n",
+            msg = sh_quote(&format!("I: running preinst install of {}", pkg.name)),
+        ));
     }
-
-    writeln!(log, "I: configuring packages").map_err(SandboxError::Log)?;
-    run_logged(
-        &spec,
-        &[
-            "dpkg".into(),
-            "--force-confold".into(),
-            "--configure".into(),
-            "-a".into(),
-        ],
-        log,
-        "dpkg --configure -a",
-    )?;
+    script.push_str(&format!(
+        "echo 'I: configuring packages'\n\
+         dpkg --force-confold --configure -a \
+         || {{ rc=$?; echo \"{MARK}dpkg --configure -a exited with status $rc\"; exit $rc; }}\n"
+    ));
+    let argv = ["/bin/sh".to_string(), "-c".into(), script];
+    match run_logged(&spec, &argv, log, "second stage") {
+        Err(SandboxError::StageCommand { status, tail, .. }) => {
+            // The driver names the failing step in its last marker line.
+            let what = tail
+                .lines()
+                .rev()
+                .find_map(|l| l.strip_prefix(MARK))
+                .and_then(|l| l.rsplit_once(" exited with status "))
+                .map(|(w, _)| w.to_string())
+                .unwrap_or_else(|| "second stage".into());
+            let tail: String = tail
+                .lines()
+                .filter(|l| !l.starts_with(MARK))
+                .collect::<Vec<_>>()
+                .join("\n");
+            // (policy-rc.d goes when `guard` is dropped.)
+            return Err(SandboxError::StageCommand { what, status, tail });
+        }
+        Err(e) => return Err(e),
+        Ok(()) => {}
+    }
     guard.remove()
 }
 
