@@ -238,7 +238,38 @@ fn boot_and_check(tag: &str, private_users: Option<u32>) {
     assert!(!Path::new("/run/systemd/nspawn/propagate")
         .join(&name)
         .exists());
-    assert!(!Path::new(nspawn::machine::STATE_DIR).join(&name).exists());
+    assert_clean(&name, &root, &cgroups);
+
+    if private_users.is_none() {
+        // Dropping a running machine kills it and cleans up the same way.
+        let m = Machine::boot(&spec).unwrap_or_else(|e| panic!("{e}"));
+        let cgroups = m.cgroups().to_vec();
+        drop(m);
+        assert_clean(&name, &root, &cgroups);
+        // So does a boot that runs out of time.
+        spec.timeout = Duration::from_millis(100);
+        let e = Machine::boot(&spec).unwrap_err();
+        assert!(matches!(e, MachineError::BootTimeout { .. }), "{e}");
+        assert_clean(&name, &root, &cgroups);
+    }
+}
+
+fn assert_clean(name: &str, root: &Path, cgroups: &[PathBuf]) {
+    assert_eq!(processes_of(name), Vec::<(i32, String)>::new());
+    for c in cgroups {
+        assert!(!c.exists(), "cgroup {} left", c.display());
+    }
+    assert_eq!(mounts_under(root), Vec::<String>::new());
+    assert!(!Path::new("/run/systemd/nspawn/propagate")
+        .join(name)
+        .exists());
+    assert!(!Path::new(nspawn::machine::STATE_DIR).join(name).exists());
+    let lock = {
+        use std::os::unix::fs::MetadataExt;
+        let md = std::fs::metadata(root).unwrap();
+        format!("/run/systemd/nspawn/locks/inode-{}:{}", md.dev(), md.ino())
+    };
+    assert!(!Path::new(&lock).exists(), "{lock} left");
 }
 
 #[test]

@@ -177,6 +177,8 @@ pub struct Machine {
     helper: Option<PathBuf>,
     ready_after: Duration,
     finished: bool,
+    /// (st_dev, st_ino) of the root: names nspawn's lock file for it.
+    root_id: (u64, u64),
 }
 
 /// The `systemd-nspawn` binary from PATH (or the usual places), if installed.
@@ -395,6 +397,12 @@ impl Machine {
             });
         }
 
+        let root_id = {
+            use std::os::unix::fs::MetadataExt;
+            let md = std::fs::metadata(&root).map_err(io("stat root", &root))?;
+            (md.dev(), md.ino())
+        };
+
         let layout = cgroup::detect();
         let group = cgroup::Group::create(&layout, &cgroup::leaf_for(&name)).map_err(
             |(path, source)| {
@@ -494,6 +502,7 @@ impl Machine {
             helper: spec.helper.clone(),
             ready_after: Duration::ZERO,
             finished: false,
+            root_id,
         };
         match m.wait_ready(&sock, started + spec.timeout) {
             Ok(()) => {
@@ -752,8 +761,25 @@ impl Machine {
         }
         let _ = self.nspawn.kill();
         let left = self.group.kill_all(Duration::from_secs(5));
-        let _ = self.nspawn.wait();
+        let killed = {
+            use std::os::unix::process::ExitStatusExt;
+            self.nspawn.wait().is_ok_and(|s| s.signal().is_some())
+        };
         let name = self.name.clone();
+        if killed {
+            // A killed nspawn cannot remove the locks it holds on the tree; nobody else
+            // holds them (they were ours), so they go too.
+            let (dev, ino) = self.root_id;
+            let mut locks = vec![PathBuf::from(format!(
+                "/run/systemd/nspawn/locks/inode-{dev}:{ino}"
+            ))];
+            if let (Some(parent), Some(base)) = (self.root.parent(), self.root.file_name()) {
+                locks.push(parent.join(format!(".#{}.lck", base.to_string_lossy())));
+            }
+            for l in locks {
+                let _ = std::fs::remove_file(l);
+            }
+        }
         if !left.is_empty() {
             return Err(MachineError::Cleanup {
                 name,
