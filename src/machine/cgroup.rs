@@ -14,9 +14,7 @@ use std::time::{Duration, Instant};
 use nix::fcntl::OFlag;
 use nix::sys::stat::Mode;
 
-/// `statfs` magic numbers of the cgroup file systems.
-const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
-const CGROUP_SUPER_MAGIC: i64 = 0x0027_e0eb;
+use nix::sys::statfs::{FsType, CGROUP2_SUPER_MAGIC, CGROUP_SUPER_MAGIC};
 
 /// How the host mounts its cgroups.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,10 +25,10 @@ pub struct Layout {
     pub hybrid: bool,
 }
 
-fn fs_magic(p: &Path) -> Option<i64> {
+fn fs_magic(p: &Path) -> Option<FsType> {
     nix::sys::statfs::statfs(p)
         .ok()
-        .map(|s| s.filesystem_type().0 as i64)
+        .map(|s| s.filesystem_type())
 }
 
 /// Reads the layout under `/sys/fs/cgroup`.

@@ -856,6 +856,13 @@ mod tests {
     use super::*;
 
     #[test]
+    fn machine_can_move_between_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<Machine>();
+        send_sync::<MachineError>();
+    }
+
+    #[test]
     fn names_are_checked() {
         assert!(validate_name("pm-plain-123").is_ok());
         assert!(validate_name("a.b_c").is_ok());
