@@ -316,6 +316,7 @@ fn failed_boot_is_reported_and_cleaned_up() {
     spec.helper = Some(HELPER.into());
     let e = Machine::boot(&spec).unwrap_err();
     assert!(matches!(e, MachineError::BootExited { .. }), "{e}");
+    eprintln!("failed boot reported as: {e}");
     let text = e.to_string();
     assert!(text.contains(&name), "{text}");
     assert!(text.contains("OS"), "console quoted: {text}");
