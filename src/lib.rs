@@ -13,6 +13,7 @@
 //! * [`unpack`]   — `.deb` reading (ar + tar + xz/zstd/gz/bz2) and safe extraction.
 //! * [`dpkg`]     — the dpkg database (`status`, `info/*`) for an unpacked package set.
 //! * [`bootstrap`] — the orchestration of the steps above into a root filesystem.
+//! * [`machine`]  — booting a tree with systemd-nspawn, running commands in it, stopping it.
 //! * [`packer`]   — Packer's plugin protocol.
 //! * [`testkit`]  — generated `.deb`s and signed test archives for tests and benches.
 
@@ -21,6 +22,7 @@ pub mod bench;
 pub mod bootstrap;
 pub mod dpkg;
 pub mod fetch;
+pub mod machine;
 pub mod packer;
 pub mod resolve;
 pub mod sandbox;

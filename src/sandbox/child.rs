@@ -55,6 +55,9 @@ fn helper(sock: &OwnedFd) -> Result<u8, String> {
         Some(other) => return Err(format!("expected SPEC, got {other:?}")),
         None => return Ok(1),
     };
+    if let Some(pid) = spec.enter {
+        return enter(sock, &spec, pid);
+    }
     let mut flags = CloneFlags::CLONE_NEWNS
         | CloneFlags::CLONE_NEWPID
         | CloneFlags::CLONE_NEWUTS
@@ -101,6 +104,112 @@ fn helper(sock: &OwnedFd) -> Result<u8, String> {
             }
         },
     }
+}
+
+/// Namespaces joined in enter mode, in the order `nsenter` uses: the user namespace
+/// first (it grants the capabilities the others need), the mount namespace last.
+const ENTER_ORDER: [(&str, CloneFlags); 7] = [
+    ("user", CloneFlags::CLONE_NEWUSER),
+    ("cgroup", CloneFlags::CLONE_NEWCGROUP),
+    ("ipc", CloneFlags::CLONE_NEWIPC),
+    ("uts", CloneFlags::CLONE_NEWUTS),
+    ("net", CloneFlags::CLONE_NEWNET),
+    ("pid", CloneFlags::CLONE_NEWPID),
+    ("mnt", CloneFlags::CLONE_NEWNS),
+];
+
+/// Enter mode: join the namespaces of `pid`, chroot to its root, fork the command
+/// into its pid namespace, wait and report the command's status.
+fn enter(sock: &OwnedFd, spec: &ChildSpec, pid: i32) -> Result<u8, String> {
+    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+    // Everything is opened before the first setns: afterwards /proc is another one.
+    let root = nix::fcntl::open(
+        &proc_dir.join("root"),
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| format!("open /proc/{pid}/root: {e}"))?;
+    let mut joins = Vec::new();
+    for (name, flag) in ENTER_ORDER {
+        let theirs = proc_dir.join("ns").join(name);
+        let md =
+            std::fs::metadata(&theirs).map_err(|e| format!("stat {}: {e}", theirs.display()))?;
+        let ours = std::fs::metadata(Path::new("/proc/self/ns").join(name))
+            .map_err(|e| format!("stat /proc/self/ns/{name}: {e}"))?;
+        use std::os::unix::fs::MetadataExt;
+        if (md.dev(), md.ino()) == (ours.dev(), ours.ino()) {
+            continue; // already there (setns into one's own user namespace is EINVAL)
+        }
+        let fd = nix::fcntl::open(&theirs, OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())
+            .map_err(|e| format!("open {}: {e}", theirs.display()))?;
+        joins.push((name, flag, fd));
+    }
+    proto::send(sock, &Msg::Unshared).map_err(|e| format!("send UNSHARED: {e}"))?;
+    match proto::recv(sock)? {
+        Some(Msg::Go) => {}
+        Some(other) => return Err(format!("expected GO, got {other:?}")),
+        None => return Ok(1),
+    }
+    // The mount namespace is joined by the forked command alone: once this process
+    // is in it, its /proc is the machine's, in which this process does not exist.
+    let mut in_userns = false;
+    let mut mnt = None;
+    for (name, flag, fd) in joins {
+        if flag == CloneFlags::CLONE_NEWNS {
+            mnt = Some(fd);
+            continue;
+        }
+        nix::sched::setns(&fd, flag)
+            .map_err(|e| format!("setns into the {name} namespace of pid {pid}: {e}"))?;
+        in_userns |= name == "user";
+    }
+    let cmd = match sys::fork_single_threaded().map_err(|e| format!("fork the command: {e}"))? {
+        ForkResult::Child => {
+            let err = match enter_root(pid, mnt.as_ref(), &root, in_userns) {
+                Ok(()) => exec_command(spec),
+                Err(e) => e,
+            };
+            let _ = proto::send(sock, &Msg::Error(err));
+            sys::exit_now(127)
+        }
+        ForkResult::Parent { child } => child,
+    };
+    let status = loop {
+        match waitpid(cmd, None) {
+            Ok(WaitStatus::Exited(_, code)) => break Msg::Exit(code),
+            Ok(WaitStatus::Signaled(_, sig, _)) => break Msg::Signal(sig as i32),
+            Ok(_) | Err(Errno::EINTR) => continue,
+            Err(e) => return Err(format!("wait for the command: {e}")),
+        }
+    };
+    let _ = proto::send(sock, &status);
+    Ok(0)
+}
+
+/// In the command forked in enter mode: join the mount namespace, make the target's
+/// root ours, become root of the user namespace if one was joined.
+fn enter_root(
+    pid: i32,
+    mnt: Option<&OwnedFd>,
+    root: &OwnedFd,
+    in_userns: bool,
+) -> Result<(), String> {
+    if let Some(fd) = mnt {
+        nix::sched::setns(fd, CloneFlags::CLONE_NEWNS)
+            .map_err(|e| format!("setns into the mnt namespace of pid {pid}: {e}"))?;
+    }
+    nix::unistd::fchdir(root).map_err(|e| format!("chdir to /proc/{pid}/root: {e}"))?;
+    nix::unistd::chroot(".").map_err(|e| format!("chroot to /proc/{pid}/root: {e}"))?;
+    if in_userns {
+        nix::unistd::setgroups(&[])
+            .map_err(|e| format!("setgroups([]) in the user namespace of pid {pid}: {e}"))?;
+        let (g, u) = (Gid::from_raw(0), Uid::from_raw(0));
+        nix::unistd::setresgid(g, g, g)
+            .map_err(|e| format!("setresgid(0) in the user namespace of pid {pid}: {e}"))?;
+        nix::unistd::setresuid(u, u, u)
+            .map_err(|e| format!("setresuid(0) in the user namespace of pid {pid}: {e}"))?;
+    }
+    Ok(())
 }
 
 /// Pid 1 of the new pid namespace: mounts, pivot, then fork + reap the command.

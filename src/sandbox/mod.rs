@@ -2,6 +2,8 @@
 //! (optionally) network and user namespaces, created with direct syscalls — no
 //! `unshare`, `chroot`, `nsenter` or `systemd-nspawn` binaries. It serves the
 //! debootstrap second stage ([`second_stage`]) and provisioning without booting.
+//! The same helper also runs commands inside a booted machine ([`enter`]): it joins
+//! the namespaces of the machine's PID 1 with `setns` instead of creating new ones.
 //!
 //! How a [`run`] works:
 //!
@@ -255,14 +257,83 @@ pub fn run(
         bind_ro: spec.bind_ro.clone(),
         network: spec.network,
         argv: argv.to_vec(),
+        enter: None,
     };
-    let json = serde_json::to_string(&wire).map_err(|e| SandboxError::Spec {
+    launch(
+        &wire,
+        spec.helper.as_deref(),
+        spec.userns.as_ref(),
+        (stdin, stdout, stderr),
+    )
+}
+
+/// Where [`enter`] runs a command: inside the namespaces of a running process.
+#[derive(Debug, Clone)]
+pub struct EnterSpec {
+    /// The process whose user (if different from ours), cgroup, ipc, uts, net, pid
+    /// and mount namespaces are joined, and whose root becomes `/`.
+    pub pid: i32,
+    /// The complete environment of the command (nothing is inherited).
+    pub env: Vec<(String, String)>,
+    /// Working directory inside the root.
+    pub cwd: PathBuf,
+    /// As [`SandboxSpec::helper`].
+    pub helper: Option<PathBuf>,
+}
+
+/// Runs `argv` as root inside the namespaces of the running process `target.pid`
+/// (e.g. a booted machine's PID 1) and waits for it: the helper joins them with
+/// `setns`, `chroot`s to the process's root and forks the command into its pid
+/// namespace. Status and errors as for [`run`].
+pub fn enter(
+    target: &EnterSpec,
+    argv: &[String],
+    stdin: Stdio,
+    stdout: Stdio,
+    stderr: Stdio,
+) -> Result<ExitStatusInfo, SandboxError> {
+    if argv.is_empty() {
+        return Err(SandboxError::Spec {
+            what: "empty command".into(),
+        });
+    }
+    if target.pid <= 0 {
+        return Err(SandboxError::Spec {
+            what: format!("enter: bad pid {}", target.pid),
+        });
+    }
+    let wire = ChildSpec {
+        root: PathBuf::from(format!("/proc/{}/root", target.pid)),
+        userns: false,
+        hostname: None,
+        env: target.env.clone(),
+        cwd: target.cwd.clone(),
+        bind_ro: Vec::new(),
+        network: true,
+        argv: argv.to_vec(),
+        enter: Some(target.pid),
+    };
+    launch(
+        &wire,
+        target.helper.as_deref(),
+        None,
+        (stdin, stdout, stderr),
+    )
+}
+
+/// Starts the helper for `wire`, drives the protocol and reaps it.
+fn launch(
+    wire: &ChildSpec,
+    helper: Option<&Path>,
+    userns: Option<&IdMap>,
+    (stdin, stdout, stderr): (Stdio, Stdio, Stdio),
+) -> Result<ExitStatusInfo, SandboxError> {
+    let root = wire.root.clone();
+    let json = serde_json::to_string(wire).map_err(|e| SandboxError::Spec {
         what: format!("encode spec: {e}"),
     })?;
-
-    let exe = spec
-        .helper
-        .clone()
+    let exe = helper
+        .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("/proc/self/exe"));
     let (ours, theirs) = crate::sys::seqpacket_pair().map_err(SandboxError::Socket)?;
     let child_fd = theirs.as_raw_fd();
@@ -289,7 +360,7 @@ pub fn run(
     };
     drop(theirs);
     let pid = child.id();
-    let outcome = drive(&ours, pid, &json, spec.userns.as_ref());
+    let outcome = drive(&ours, pid, &json, userns);
     if outcome.is_err() {
         let _ = child.kill();
     }

@@ -30,6 +30,10 @@ pub struct ChildSpec {
     pub bind_ro: Vec<(PathBuf, PathBuf)>,
     pub network: bool,
     pub argv: Vec<String>,
+    /// Enter mode: join the namespaces of this running process (a booted machine's
+    /// leader) instead of creating new ones; `root` is then its `/proc/PID/root`.
+    #[serde(default)]
+    pub enter: Option<i32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -148,6 +148,18 @@ pub fn interface_up(name: &CStr) -> nix::Result<()> {
     Ok(())
 }
 
+/// Sends signal number `signo` to `pid`; unlike nix's `kill` it takes any number,
+/// including real-time signals such as `SIGRTMIN+4` (systemd's "power off").
+pub fn kill_signo(pid: i32, signo: i32) -> nix::Result<()> {
+    // SAFETY: kill(2) takes two integers and touches no memory of this process.
+    Errno::result(unsafe { libc::kill(pid, signo) }).map(drop)
+}
+
+/// The number of `SIGRTMIN+n`.
+pub fn sigrtmin_plus(n: i32) -> i32 {
+    libc::SIGRTMIN() + n
+}
+
 /// `/proc/self/fd/N` for a descriptor: the path through which mount(2) and friends
 /// reach exactly the object the descriptor refers to (no path re-resolution).
 pub fn fd_path(fd: &impl AsRawFd) -> String {
