@@ -80,7 +80,8 @@ impl<'a> Paragraphs<'a> {
                     // Comment line.
                 } else {
                     if let Some((ns, ne, vs)) = cur.take() {
-                        para.fields.push((&start[ns..ne], start[vs..value_end.max(vs)].trim()));
+                        para.fields
+                            .push((&start[ns..ne], start[vs..value_end.max(vs)].trim()));
                     }
                     if let Some(colon) = line.find(':') {
                         cur = Some((pos, pos + colon, pos + colon + 1));
@@ -94,7 +95,8 @@ impl<'a> Paragraphs<'a> {
                 }
             }
             if let Some((ns, ne, vs)) = cur.take() {
-                para.fields.push((&start[ns..ne], start[vs..value_end.max(vs)].trim()));
+                para.fields
+                    .push((&start[ns..ne], start[vs..value_end.max(vs)].trim()));
             }
             if para.is_empty() {
                 continue;

@@ -59,7 +59,9 @@ pub fn read_sources(root: &Path) -> Vec<AptSource> {
 pub fn parse_deb822(text: &str, origin: &Path) -> Vec<AptSource> {
     let mut out = Vec::new();
     for p in deb822::paragraphs(text) {
-        if p.get("Enabled").is_some_and(|v| v.eq_ignore_ascii_case("no")) {
+        if p.get("Enabled")
+            .is_some_and(|v| v.eq_ignore_ascii_case("no"))
+        {
             continue;
         }
         let types = p.get("Types").unwrap_or("");
@@ -97,7 +99,10 @@ pub fn parse_one_line(text: &str, origin: &Path) -> Vec<AptSource> {
     let mut out = Vec::new();
     for line in text.lines() {
         let line = line.split('#').next().unwrap_or("").trim();
-        let Some(rest) = line.strip_prefix("deb ").or_else(|| line.strip_prefix("deb\t")) else {
+        let Some(rest) = line
+            .strip_prefix("deb ")
+            .or_else(|| line.strip_prefix("deb\t"))
+        else {
             continue;
         };
         let mut rest = rest.trim_start();
@@ -203,7 +208,8 @@ mod tests {
 
     #[test]
     fn disabled_and_missing() {
-        let text = "Enabled: no\nTypes: deb\nURIs: http://a.example/d\nSuites: sid\nComponents: main\n";
+        let text =
+            "Enabled: no\nTypes: deb\nURIs: http://a.example/d\nSuites: sid\nComponents: main\n";
         let s = parse_deb822(text, Path::new("x.sources"));
         assert!(s.is_empty());
         assert!(pick_defaults(&s, Path::new("/")).is_none());

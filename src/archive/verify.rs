@@ -12,9 +12,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use pgp::composed::{
-    CleartextSignedMessage, Deserializable, DetachedSignature, SignedPublicKey,
-};
+use pgp::composed::{CleartextSignedMessage, Deserializable, DetachedSignature, SignedPublicKey};
 use pgp::crypto::hash::HashAlgorithm;
 use pgp::packet::{PublicKey, PublicSubkey, Signature, SignatureType};
 use pgp::types::KeyDetails;
@@ -207,7 +205,11 @@ impl Keyring {
     }
 
     fn candidates(&self, sig: &Signature) -> Vec<&TrustedKey> {
-        let fprs: Vec<String> = sig.issuer_fingerprint().iter().map(|f| fpr_hex(f)).collect();
+        let fprs: Vec<String> = sig
+            .issuer_fingerprint()
+            .iter()
+            .map(|f| fpr_hex(f))
+            .collect();
         let ids: Vec<String> = sig
             .issuer_key_id()
             .iter()
@@ -221,12 +223,7 @@ impl Keyring {
 
     /// Checks `sigs` over `data` (already normalised as the signature type needs);
     /// returns the signer of the first good one, else a summary of every failure.
-    fn check(
-        &self,
-        sigs: &[Signature],
-        data: &[u8],
-        now: SystemTime,
-    ) -> Result<String, String> {
+    fn check(&self, sigs: &[Signature], data: &[u8], now: SystemTime) -> Result<String, String> {
         let mut problems = Vec::new();
         for sig in sigs {
             let issuer = sig
@@ -338,10 +335,9 @@ impl Keyring {
             let text = std::str::from_utf8(sig).map_err(|e| malformed(e.to_string()))?;
             // A detached file may hold several armoured blocks or one with several packets.
             let mut v = Vec::new();
-            let (iter, _) = DetachedSignature::from_armor_many(std::io::Cursor::new(
-                text.as_bytes().to_vec(),
-            ))
-            .map_err(|e| malformed(e.to_string()))?;
+            let (iter, _) =
+                DetachedSignature::from_armor_many(std::io::Cursor::new(text.as_bytes().to_vec()))
+                    .map_err(|e| malformed(e.to_string()))?;
             for s in iter {
                 v.push(s.map_err(|e| malformed(e.to_string()))?.signature);
             }
@@ -402,7 +398,9 @@ mod tests {
         let body = "Suite: test\nCodename: test\nSHA256:\n";
         let signed = key.clearsign(body);
         let now = SystemTime::now();
-        let v = ring.verify_clearsigned("InRelease", signed.as_bytes(), now).unwrap();
+        let v = ring
+            .verify_clearsigned("InRelease", signed.as_bytes(), now)
+            .unwrap();
         assert_eq!(v.text.trim_end(), body.trim_end());
         assert!(v.signer.contains("Test Archive"));
 
@@ -430,7 +428,8 @@ mod tests {
         let body = b"Suite: test\n";
         let sig = key.detached_sign(body);
         let now = SystemTime::now();
-        ring.verify_detached("Release", body, sig.as_bytes(), now).unwrap();
+        ring.verify_detached("Release", body, sig.as_bytes(), now)
+            .unwrap();
         assert!(ring
             .verify_detached("Release", b"Suite: tesu\n", sig.as_bytes(), now)
             .is_err());
@@ -443,7 +442,8 @@ mod tests {
         ring.add_bytes(&key.public_bytes()).unwrap();
         let signed = key.clearsign("Suite: t\n");
         let now = SystemTime::now();
-        ring.verify_clearsigned("InRelease", signed.as_bytes(), now).unwrap();
+        ring.verify_clearsigned("InRelease", signed.as_bytes(), now)
+            .unwrap();
         // The expiry read from the binding signature is what the policy compares.
         let mut expired = ring.clone();
         for k in &mut expired.keys {

@@ -72,7 +72,9 @@ impl Broker {
                     let mut idb = [0u8; 4];
                     match tokio::time::timeout(BROKER_TIMEOUT, st.read_exact(&mut idb)).await {
                         Ok(Ok(_)) => bb.park(u32::from_le_bytes(idb), st),
-                        Ok(Err(e)) => tracing::warn!("broker: reading id of stream {}: {e}", st.id()),
+                        Ok(Err(e)) => {
+                            tracing::warn!("broker: reading id of stream {}: {e}", st.id())
+                        }
                         Err(_) => tracing::warn!("broker: no id on stream {} within 5 s", st.id()),
                     }
                 });

@@ -139,10 +139,7 @@ fn describe(v: &Value) -> String {
 /// Coerces `v` to `ty` the way mapstructure's weak decoding does.
 fn coerce(path: &str, ty: &CtyType, v: Value, errs: &mut Vec<String>) -> Option<Value> {
     let bad = |want: &str, errs: &mut Vec<String>, v: &Value| {
-        errs.push(format!(
-            "{path}: expected {want}, got {}",
-            describe(v)
-        ));
+        errs.push(format!("{path}: expected {want}, got {}", describe(v)));
         None
     };
     match ty {
@@ -218,11 +215,16 @@ pub fn check_object(
                 Value::Object(o) => Some(Value::Object(check_object(&path, nested, o, errs))),
                 // JSON templates may write a one-element list for a block
                 Value::Array(mut a) if a.len() == 1 && a[0].is_object() => {
-                    let Value::Object(o) = a.remove(0) else { unreachable!() };
+                    let Value::Object(o) = a.remove(0) else {
+                        unreachable!()
+                    };
                     Some(Value::Object(check_object(&path, nested, o, errs)))
                 }
                 other => {
-                    errs.push(format!("{path}: expected a block, got {}", describe(&other)));
+                    errs.push(format!(
+                        "{path}: expected a block, got {}",
+                        describe(&other)
+                    ));
                     None
                 }
             },
@@ -231,7 +233,10 @@ pub fn check_object(
                     Value::Array(a) => a,
                     o @ Value::Object(_) => vec![o],
                     other => {
-                        errs.push(format!("{path}: expected a list of blocks, got {}", describe(&other)));
+                        errs.push(format!(
+                            "{path}: expected a list of blocks, got {}",
+                            describe(&other)
+                        ));
                         continue;
                     }
                 };
@@ -244,7 +249,10 @@ pub fn check_object(
                             o,
                             errs,
                         ))),
-                        other => errs.push(format!("{path}[{i}]: expected a block, got {}", describe(&other))),
+                        other => errs.push(format!(
+                            "{path}[{i}]: expected a block, got {}",
+                            describe(&other)
+                        )),
                     }
                 }
                 Some(Value::Array(out_items))
@@ -275,7 +283,11 @@ fn interpolate(path: &str, v: Value, ctx: &InterpContext, errs: &mut Vec<String>
         Value::Object(o) => Value::Object(
             o.into_iter()
                 .map(|(k, x)| {
-                    let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                    let p = if path.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{path}.{k}")
+                    };
                     let x = interpolate(&p, x, ctx, errs);
                     (k, x)
                 })
@@ -287,14 +299,25 @@ fn interpolate(path: &str, v: Value, ctx: &InterpContext, errs: &mut Vec<String>
 
 fn take_packer_vars(m: &mut Map<String, Value>) -> PackerVars {
     let mut p = PackerVars::default();
-    let s = |v: Option<Value>| v.and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+    let s = |v: Option<Value>| {
+        v.and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default()
+    };
     p.build_name = s(m.remove("packer_build_name"));
     p.builder_type = s(m.remove("packer_builder_type"));
     p.core_version = s(m.remove("packer_core_version"));
     p.on_error = s(m.remove("packer_on_error"));
     p.template_path = s(m.remove("packer_template_path"));
-    p.debug = m.remove("packer_debug").as_ref().and_then(as_bool).unwrap_or(false);
-    p.force = m.remove("packer_force").as_ref().and_then(as_bool).unwrap_or(false);
+    p.debug = m
+        .remove("packer_debug")
+        .as_ref()
+        .and_then(as_bool)
+        .unwrap_or(false);
+    p.force = m
+        .remove("packer_force")
+        .as_ref()
+        .and_then(as_bool)
+        .unwrap_or(false);
     if let Some(Value::Object(o)) = m.remove("packer_user_variables") {
         for (k, v) in o {
             if let Value::String(s) = v {
@@ -423,7 +446,9 @@ mod tests {
             let j: Value = serde_json::from_str(line).unwrap();
             if j.get("method").and_then(|m| m.as_str()) == Some("Builder.Prepare")
                 && j.get("body_hex").is_some()
-                && j.get("text").and_then(|t| t.as_str()).is_some_and(|t| t.contains("REQUEST"))
+                && j.get("text")
+                    .and_then(|t| t.as_str())
+                    .is_some_and(|t| t.contains("REQUEST"))
             {
                 return Some(body_configs(j["body_hex"].as_str().unwrap()));
             }
@@ -446,9 +471,16 @@ mod tests {
         }
         let cfg = from_raws(&raws, &sp).unwrap();
         assert!(cfg.json_template);
-        let interpolated: Vec<&Value> = cfg.values.values().filter(|v| v.as_str().is_some_and(|s| s.contains("hello-"))).collect();
+        let interpolated: Vec<&Value> = cfg
+            .values
+            .values()
+            .filter(|v| v.as_str().is_some_and(|s| s.contains("hello-")))
+            .collect();
         assert!(!interpolated.is_empty(), "{:?}", cfg.values);
-        assert!(!cfg.values.values().any(|v| v.as_str().is_some_and(|s| s.contains("{{"))));
+        assert!(!cfg
+            .values
+            .values()
+            .any(|v| v.as_str().is_some_and(|s| s.contains("{{"))));
         assert_eq!(cfg.packer.core_version, "1.6.6");
     }
 
@@ -473,11 +505,15 @@ mod tests {
     #[test]
     fn coercion_and_errors_name_the_option() {
         let raws = vec![
-            json_to_mp(&json!({"message": "{{user `a`}}", "count": 2.0, "flag": "true",
-                               "tags": ["x", 1.0], "labels": {"k": "v"}, "extra": {"note": "n"}})),
-            json_to_mp(&json!({"packer_build_name": "b", "packer_builder_type": "t",
+            json_to_mp(
+                &json!({"message": "{{user `a`}}", "count": 2.0, "flag": "true",
+                               "tags": ["x", 1.0], "labels": {"k": "v"}, "extra": {"note": "n"}}),
+            ),
+            json_to_mp(
+                &json!({"packer_build_name": "b", "packer_builder_type": "t",
                                "packer_template_path": "/x/t.json", "packer_debug": false,
-                               "packer_user_variables": {"a": "A", "": ""}})),
+                               "packer_user_variables": {"a": "A", "": ""}}),
+            ),
         ];
         let cfg = from_raws(&raws, &spec()).unwrap();
         assert_eq!(
@@ -485,7 +521,9 @@ mod tests {
             json!({"message": "A", "count": 2, "flag": true, "tags": ["x", "1"],
                    "labels": {"k": "v"}, "extra": {"note": "n"}})
         );
-        let bad = vec![json_to_mp(&json!({"count": "many", "bogus": 1, "extra": {"zz": 1}}))];
+        let bad = vec![json_to_mp(
+            &json!({"count": "many", "bogus": 1, "extra": {"zz": 1}}),
+        )];
         let errs = from_raws(&bad, &spec()).unwrap_err();
         let text = multierror(&errs);
         assert!(text.starts_with("3 errors occurred:\n"), "{text}");

@@ -347,7 +347,10 @@ mod tests {
         let mut out = Vec::new();
         let mut lines = text.lines();
         while let Some(l) = lines.next() {
-            if l.starts_with("OBJECTSPEC") || l.starts_with("CTY.TYPE") || l.starts_with("COMMANDFINISHED") {
+            if l.starts_with("OBJECTSPEC")
+                || l.starts_with("CTY.TYPE")
+                || l.starts_with("COMMANDFINISHED")
+            {
                 let hexline = lines.next().unwrap();
                 out.push((l.to_string(), hex::decode(hexline.trim()).unwrap()));
             }
@@ -397,7 +400,10 @@ mod tests {
             ("CTY.TYPE ('list', 'string')", C::list(C::String)),
             ("CTY.TYPE ('list', 'number')", C::list(C::Number)),
             ("CTY.TYPE ('map', 'string')", C::map(C::String)),
-            ("CTY.TYPE ('list', ('map', 'string'))", C::list(C::map(C::String))),
+            (
+                "CTY.TYPE ('list', ('map', 'string'))",
+                C::list(C::map(C::String)),
+            ),
         ];
         for (title, t) in cases {
             assert_eq!(cty_type(&t), sample(&all, title), "{title}");
@@ -413,11 +419,31 @@ mod tests {
         use CtyType as C;
         let attr = |t| ObjectSpec::new().attr("a", t);
         let cases = [
-            ("OBJECTSPEC attr a:String [module]", attr(C::String), OBJSPEC_NAME_MODULE),
-            ("OBJECTSPEC attr a:Number [module]", attr(C::Number), OBJSPEC_NAME_MODULE),
-            ("OBJECTSPEC attr a:Bool [module]", attr(C::Bool), OBJSPEC_NAME_MODULE),
-            ("OBJECTSPEC attr a:List(String)", attr(C::list(C::String)), OBJSPEC_NAME_MODULE),
-            ("OBJECTSPEC attr a:Map(String)", attr(C::map(C::String)), OBJSPEC_NAME_MODULE),
+            (
+                "OBJECTSPEC attr a:String [module]",
+                attr(C::String),
+                OBJSPEC_NAME_MODULE,
+            ),
+            (
+                "OBJECTSPEC attr a:Number [module]",
+                attr(C::Number),
+                OBJSPEC_NAME_MODULE,
+            ),
+            (
+                "OBJECTSPEC attr a:Bool [module]",
+                attr(C::Bool),
+                OBJSPEC_NAME_MODULE,
+            ),
+            (
+                "OBJECTSPEC attr a:List(String)",
+                attr(C::list(C::String)),
+                OBJSPEC_NAME_MODULE,
+            ),
+            (
+                "OBJECTSPEC attr a:Map(String)",
+                attr(C::map(C::String)),
+                OBJSPEC_NAME_MODULE,
+            ),
             (
                 "OBJECTSPEC attr a:List(Map(String))",
                 attr(C::list(C::map(C::String))),

@@ -91,7 +91,9 @@ fn tokenize(s: &str) -> Result<Vec<Tok>, String> {
             }
             i += 1;
             out.push(Tok::Str(s));
-        } else if ch.is_ascii_digit() || (ch == '-' && c.get(i + 1).is_some_and(|d| d.is_ascii_digit())) {
+        } else if ch.is_ascii_digit()
+            || (ch == '-' && c.get(i + 1).is_some_and(|d| d.is_ascii_digit()))
+        {
             let start = i;
             i += 1;
             while i < c.len() && c[i].is_ascii_digit() {
@@ -207,14 +209,20 @@ fn call(name: &str, args: &[String], ctx: &InterpContext) -> Result<String, Stri
     match name {
         "user" => {
             arity(name, args, 1)?;
-            Ok(ctx.user_variables.get(&args[0]).cloned().unwrap_or_default())
+            Ok(ctx
+                .user_variables
+                .get(&args[0])
+                .cloned()
+                .unwrap_or_default())
         }
         "env" => {
             arity(name, args, 1)?;
             if !ctx.enable_env {
-                return Err("env vars are not allowed here: use `env` in a variable's default \
+                return Err(
+                    "env vars are not allowed here: use `env` in a variable's default \
                             value and `{{user}}` here"
-                    .into());
+                        .into(),
+                );
             }
             Ok(std::env::var(&args[0]).unwrap_or_default())
         }
@@ -238,7 +246,10 @@ fn call(name: &str, args: &[String], ctx: &InterpContext) -> Result<String, Stri
             if args.len() > 1 {
                 return arity(name, args, 1).map(|_| String::new());
             }
-            let layout = args.first().map(|s| s.as_str()).unwrap_or("2006-01-02T15:04:05Z07:00");
+            let layout = args
+                .first()
+                .map(|s| s.as_str())
+                .unwrap_or("2006-01-02T15:04:05Z07:00");
             Ok(go_time_format(ctx.init_time, layout))
         }
         "uuid" => {
@@ -344,7 +355,14 @@ fn uuid_v4() -> String {
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
     let h = hex::encode(b);
-    format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
 }
 
 /// (year, month, day) of a day count since 1970-01-01 (Howard Hinnant's algorithm).
@@ -362,11 +380,27 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 }
 
 const MONTHS: [&str; 12] = [
-    "January", "February", "March", "April", "May", "June", "July", "August", "September",
-    "October", "November", "December",
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
 ];
 const DAYS: [&str; 7] = [
-    "Thursday", "Friday", "Saturday", "Sunday", "Monday", "Tuesday", "Wednesday",
+    "Thursday",
+    "Friday",
+    "Saturday",
+    "Sunday",
+    "Monday",
+    "Tuesday",
+    "Wednesday",
 ];
 
 /// Formats a UTC unix time with a Go reference layout ("2006-01-02 15:04:05").
@@ -392,7 +426,10 @@ pub fn go_time_format(t: u64, layout: &str) -> String {
         ("02", format!("{d:02}")),
         ("_2", format!("{d:>2}")),
         ("15", format!("{h:02}")),
-        ("03", format!("{:02}", if h % 12 == 0 { 12 } else { h % 12 })),
+        (
+            "03",
+            format!("{:02}", if h % 12 == 0 { 12 } else { h % 12 }),
+        ),
         ("04", format!("{mi:02}")),
         ("05", format!("{s:02}")),
         ("06", format!("{:02}", y.rem_euclid(100))),
@@ -442,7 +479,10 @@ mod tests {
     #[test]
     fn captured_interpolation_case() {
         // from capture 14: "{{user `greeting`}}-{{build_name}}"
-        assert_eq!(render("{{user `greeting`}}-{{build_name}}", &ctx()).unwrap(), "hello-mybuild");
+        assert_eq!(
+            render("{{user `greeting`}}-{{build_name}}", &ctx()).unwrap(),
+            "hello-mybuild"
+        );
         assert_eq!(render("{{ user \"greeting\" }}", &ctx()).unwrap(), "hello");
         assert_eq!(render("no actions", &ctx()).unwrap(), "no actions");
     }
@@ -453,14 +493,26 @@ mod tests {
         assert_eq!(render("{{build_type}}", &c).unwrap(), "nspawn");
         assert_eq!(render("{{timestamp}}", &c).unwrap(), "1764949445");
         assert_eq!(render("{{isotime}}", &c).unwrap(), "2025-12-05T15:44:05Z");
-        assert_eq!(render("{{isotime `2006-01-02 15:04 Mon Jan`}}", &c).unwrap(), "2025-12-05 15:44 Fri Dec");
+        assert_eq!(
+            render("{{isotime `2006-01-02 15:04 Mon Jan`}}", &c).unwrap(),
+            "2025-12-05 15:44 Fri Dec"
+        );
         assert_eq!(render("{{template_dir}}", &c).unwrap(), "/srv/tpl");
         assert_eq!(render("{{upper `abc`}}", &c).unwrap(), "ABC");
         assert_eq!(render("{{user `greeting` | upper}}", &c).unwrap(), "HELLO");
         assert_eq!(render("{{lower (upper `aB`)}}", &c).unwrap(), "ab");
-        assert_eq!(render("{{replace `a` `x` 1 `banana`}}", &c).unwrap(), "bxnana");
-        assert_eq!(render("{{replace `a` `x` -1 `banana`}}", &c).unwrap(), "bxnxnx");
-        assert_eq!(render("{{replace_all `a` `x` `banana`}}", &c).unwrap(), "bxnxnx");
+        assert_eq!(
+            render("{{replace `a` `x` 1 `banana`}}", &c).unwrap(),
+            "bxnana"
+        );
+        assert_eq!(
+            render("{{replace `a` `x` -1 `banana`}}", &c).unwrap(),
+            "bxnxnx"
+        );
+        assert_eq!(
+            render("{{replace_all `a` `x` `banana`}}", &c).unwrap(),
+            "bxnxnx"
+        );
         assert_eq!(render("{{split (user `csv`) `,` 1}}", &c).unwrap(), "b");
         assert_eq!(render("{{packer_version}}", &c).unwrap(), "1.6.6");
         let u = render("{{uuid}}", &c).unwrap();
@@ -472,12 +524,19 @@ mod tests {
     #[test]
     fn errors() {
         let c = ctx();
-        assert!(render("{{env `HOME`}}", &c).unwrap_err().contains("env vars are not allowed"));
+        assert!(render("{{env `HOME`}}", &c)
+            .unwrap_err()
+            .contains("env vars are not allowed"));
         let mut c2 = c.clone();
         c2.enable_env = true;
         std::env::set_var("PACKER_INTERP_TEST_VAR", "v");
-        assert_eq!(render("{{env `PACKER_INTERP_TEST_VAR`}}", &c2).unwrap(), "v");
-        assert!(render("{{nope}}", &c).unwrap_err().contains("\"nope\" not defined"));
+        assert_eq!(
+            render("{{env `PACKER_INTERP_TEST_VAR`}}", &c2).unwrap(),
+            "v"
+        );
+        assert!(render("{{nope}}", &c)
+            .unwrap_err()
+            .contains("\"nope\" not defined"));
         assert!(render("{{user}}", &c).is_err());
         assert!(render("{{user `x`", &c).is_err());
     }

@@ -88,7 +88,11 @@ impl<R: AsyncRead + Unpin> MsgReader<R> {
 
 fn hex_prefix(b: &[u8]) -> String {
     let n = b.len().min(32);
-    format!("{}{}", hex::encode(&b[..n]), if b.len() > n { "…" } else { "" })
+    format!(
+        "{}{}",
+        hex::encode(&b[..n]),
+        if b.len() > n { "…" } else { "" }
+    )
 }
 
 // ---------------------------------------------------------------------------
@@ -198,7 +202,8 @@ pub fn encode_response(method: &str, seq: u64, result: &Result<Value, String>) -
 // ---------------------------------------------------------------------------
 
 /// Handles one call: method name and body, gives the reply body or an error text.
-pub type Handler = Arc<dyn Fn(String, Value) -> BoxFuture<'static, Result<Value, String>> + Send + Sync>;
+pub type Handler =
+    Arc<dyn Fn(String, Value) -> BoxFuture<'static, Result<Value, String>> + Send + Sync>;
 
 /// Serves requests on `stream` until it ends. Each request runs on its own task.
 pub async fn serve<S>(stream: S, what: &str, handler: Handler)

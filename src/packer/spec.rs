@@ -72,7 +72,9 @@ pub const PACKER_COMMON_ATTRS: &[(&str, fn() -> CtyType)] = &[
     ("packer_force", || CtyType::Bool),
     ("packer_on_error", || CtyType::String),
     ("packer_user_variables", || CtyType::map(CtyType::String)),
-    ("packer_sensitive_variables", || CtyType::list(CtyType::String)),
+    ("packer_sensitive_variables", || {
+        CtyType::list(CtyType::String)
+    }),
 ];
 
 impl ObjectSpec {

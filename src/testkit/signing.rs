@@ -57,8 +57,9 @@ impl TestKey {
     /// Clearsigns `text` with the signing subkey (an `InRelease` file).
     pub fn clearsign(&self, text: &str) -> String {
         let signer = &self.secret.secret_subkeys[0].key;
-        let msg = CleartextSignedMessage::sign(rand::thread_rng(), text, signer, &Password::empty())
-            .expect("clearsign");
+        let msg =
+            CleartextSignedMessage::sign(rand::thread_rng(), text, signer, &Password::empty())
+                .expect("clearsign");
         msg.to_armored_string(ArmorOptions::default())
             .expect("armour clearsigned message")
     }
@@ -78,4 +79,3 @@ impl TestKey {
             .expect("armour signature")
     }
 }
-
