@@ -254,6 +254,7 @@ impl Communicator for HostCommunicator {
                 .arg(&command)
                 .current_dir(&self.scratch)
                 .kill_on_drop(true)
+                .process_group(0)
                 .stdin(if stdin.is_some() {
                     Stdio::piped()
                 } else {
@@ -292,6 +293,13 @@ impl Communicator for HostCommunicator {
             let status = tokio::select! {
                 s = child.wait() => s?,
                 _ = self.cancel.cancelled() => {
+                    // the whole process group: the shell and what it started
+                    if let Some(pid) = child.id() {
+                        let _ = nix::sys::signal::killpg(
+                            nix::unistd::Pid::from_raw(pid as i32),
+                            nix::sys::signal::Signal::SIGKILL,
+                        );
+                    }
                     let _ = child.kill().await;
                     child.wait().await?
                 }

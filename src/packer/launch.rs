@@ -193,6 +193,30 @@ pub fn plan(argv0: &str, args: &[String], set: &BuilderSet) -> Result<LaunchPlan
     })
 }
 
+/// Marks every inherited descriptor above stderr close-on-exec, so that the
+/// commands we start do not keep Packer's pipes open after Packer exits.
+fn close_inherited_fds_on_exec() {
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    let Ok(rd) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let fds: Vec<i32> = rd
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse().ok())
+        .filter(|fd| *fd > 2)
+        .collect();
+    for fd in fds {
+        // SAFETY: `fd` was listed in /proc/self/fd; borrowing it only for the
+        // fcntl call does not take ownership or close it. A descriptor that
+        // was the read_dir handle itself is gone by now and fails harmlessly.
+        let bfd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        if let Ok(flags) = fcntl(bfd, FcntlArg::F_GETFD) {
+            let flags = FdFlag::from_bits_truncate(flags) | FdFlag::FD_CLOEXEC;
+            let _ = fcntl(bfd, FcntlArg::F_SETFD(flags));
+        }
+    }
+}
+
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env(ENV_LOG)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -223,6 +247,7 @@ pub fn plugin_main(argv0: &str, args: &[String], set: &BuilderSet) -> ExitCode {
         return ExitCode::from(1);
     }
     init_logging();
+    close_inherited_fds_on_exec();
     let plan = match plan(argv0, args, set) {
         Ok(p) => p,
         Err(e) => {

@@ -131,6 +131,7 @@ impl BuilderService {
                 reply
             }
             "Builder.Cancel" => {
+                tracing::info!("Builder.Cancel received; cancelling the build");
                 self.cancel.lock().unwrap().cancel();
                 self.builder.cancel();
                 Ok(Mp::Nil)
