@@ -217,6 +217,10 @@ where
         let hdr = match reader.next().await {
             Ok(Some(h)) => h,
             Ok(None) => break,
+            Err(RpcError::Io(e)) => {
+                tracing::debug!("rpc server ({what}): stream closed: {e}");
+                break;
+            }
             Err(e) => {
                 tracing::error!("rpc server ({what}): reading a request header: {e}");
                 break;
@@ -311,6 +315,10 @@ impl Client {
                 let hdr = match reader.next().await {
                     Ok(Some(h)) => h,
                     Ok(None) => break,
+                    Err(RpcError::Io(e)) => {
+                        tracing::debug!("rpc client ({what}): stream closed: {e}");
+                        break;
+                    }
                     Err(e) => {
                         tracing::error!("rpc client ({what}): reading a response header: {e}");
                         break;
