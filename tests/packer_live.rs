@@ -406,3 +406,61 @@ build {{
     );
     assert!(out.contains("after-long-sleep"), "{out}");
 }
+
+#[test]
+fn multi_component_plugin_and_prepare_warning() {
+    let Some(env) = Env::new() else { return };
+    // Packer 1.6.6 runs `describe`, registers `nspawn-hosttest` and starts
+    // the binary as `start builder hosttest`.
+    std::os::unix::fs::symlink(
+        env!("CARGO_BIN_EXE_packer-plugin-nspawn"),
+        env.path("cfg/.packer.d/plugins/packer-plugin-nspawn"),
+    )
+    .unwrap();
+    env.write(
+        "t.pkr.hcl",
+        r#"
+source "nspawn-hosttest" "m" {
+  message = "multi"
+}
+build {
+  sources = ["source.nspawn-hosttest.m"]
+  provisioner "shell" {
+    inline = ["echo multi-ok"]
+  }
+}
+"#,
+    );
+    let (ok, out) = env.run(&["build", "t.pkr.hcl"]);
+    assert!(
+        ok,
+        "packer build failed:\n{out}\n--- log ---\n{}",
+        env.log()
+    );
+    assert!(
+        out.contains("scratch_dir is not set; a temporary directory will be used"),
+        "{out}"
+    );
+    assert!(out.contains("message=multi"), "{out}");
+    assert!(out.contains("multi-ok"), "{out}");
+    assert!(
+        env.log().contains("start builder hosttest")
+            || env.log().contains("\"start\", \"builder\""),
+        "{}",
+        env.log()
+    );
+    // the temporary scratch directory is named in the output; clean it up
+    if let Some(line) = out
+        .lines()
+        .find(|l| l.contains("hosttest: scratch directory "))
+    {
+        let dir = line
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .trim_end_matches("\u{1b}[0m");
+        if dir.starts_with("/tmp/hosttest-") {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
