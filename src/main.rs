@@ -27,7 +27,14 @@ fn main() -> ExitCode {
             match packer::install(&exe, &layouts) {
                 Ok(files) => {
                     for f in files {
-                        println!("installed {}", f.display());
+                        let who = if f.ends_with("packer-builder-nspawn") {
+                            "for Packer 1.6.6 … 1.10 (builder type \"nspawn\")"
+                        } else if f.to_string_lossy().ends_with("_SHA256SUM") {
+                            "checksum of the above"
+                        } else {
+                            "for Packer >= 1.7 (required from 1.11)"
+                        };
+                        println!("installed {} {who}", f.display());
                     }
                     ExitCode::SUCCESS
                 }

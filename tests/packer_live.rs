@@ -95,6 +95,8 @@ fn hcl_build_options_provisioners_and_manifest() {
         std::fs::Permissions::from_mode(0o751),
     )
     .unwrap();
+    let big: Vec<u8> = (0..1_500_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(env.work().join("big.bin"), &big).unwrap();
     env.write("updir/a.txt", "one\n");
     env.write("updir/sub/b.txt", "two\n");
     env.write(
@@ -131,6 +133,20 @@ build {{
     destination = "down.txt"
     direction   = "download"
   }}
+  provisioner "file" {{
+    source      = "big.bin"
+    destination = "{scratch}/big.bin"
+  }}
+  provisioner "file" {{
+    source      = "{scratch}/big.bin"
+    destination = "big-back.bin"
+    direction   = "download"
+  }}
+  provisioner "file" {{
+    source      = "{scratch}/dirdst/updir/"
+    destination = "downdir"
+    direction   = "download"
+  }}
   post-processor "manifest" {{
     output = "manifest.json"
   }}
@@ -143,6 +159,14 @@ build {{
         ok,
         "packer build failed:\n{out}\n--- log ---\n{}",
         env.log()
+    );
+    // 1.5 MB each way: yamux flow control beyond the 256 KiB window with Go's yamux
+    assert_eq!(std::fs::read(format!("{scratch}/big.bin")).unwrap(), big);
+    assert_eq!(std::fs::read(env.work().join("big-back.bin")).unwrap(), big);
+    // DownloadDir: a source ending in "/" copies its contents
+    assert_eq!(
+        std::fs::read_to_string(env.work().join("downdir/sub/b.txt")).unwrap(),
+        "two\n"
     );
     assert!(
         out.contains(

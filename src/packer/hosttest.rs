@@ -214,18 +214,27 @@ fn glob_match(pat: &[u8], s: &[u8]) -> bool {
 }
 
 fn copy_tree(src: &Path, dst: &Path, exclude: &[String]) -> io::Result<()> {
-    for e in walkdir::WalkDir::new(src).min_depth(1) {
+    let excluded = |p: &Path| {
+        let Ok(rel) = p.strip_prefix(src) else {
+            return false;
+        };
+        let rels = rel.to_string_lossy();
+        !rels.is_empty()
+            && exclude.iter().any(|pat| {
+                glob_match(pat.as_bytes(), rels.as_bytes())
+                    || rel
+                        .file_name()
+                        .is_some_and(|n| glob_match(pat.as_bytes(), n.to_string_lossy().as_bytes()))
+            })
+    };
+    // filter_entry prunes whole excluded subtrees
+    for e in walkdir::WalkDir::new(src)
+        .min_depth(1)
+        .into_iter()
+        .filter_entry(|e| !excluded(e.path()))
+    {
         let e = e.map_err(io::Error::other)?;
         let rel = e.path().strip_prefix(src).unwrap();
-        let rels = rel.to_string_lossy();
-        if exclude.iter().any(|p| {
-            glob_match(p.as_bytes(), rels.as_bytes())
-                || rel
-                    .file_name()
-                    .is_some_and(|n| glob_match(p.as_bytes(), n.to_string_lossy().as_bytes()))
-        }) {
-            continue;
-        }
         let target = dst.join(rel);
         if e.file_type().is_dir() {
             std::fs::create_dir_all(&target)?;
@@ -399,6 +408,40 @@ mod tests {
         assert!(glob_match(b"*.log", b"a.log"));
         assert!(!glob_match(b"*.log", b"a.txt"));
         assert!(glob_match(b"a?c", b"abc"));
+    }
+
+    #[tokio::test]
+    async fn dirs_with_excludes() {
+        let src = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(src.path().join("d/sub")).unwrap();
+        std::fs::write(src.path().join("d/keep.txt"), "k").unwrap();
+        std::fs::write(src.path().join("d/skip.log"), "s").unwrap();
+        std::fs::write(src.path().join("d/sub/x.txt"), "x").unwrap();
+        let scratch = tempfile::tempdir().unwrap();
+        let c = HostCommunicator {
+            scratch: scratch.path().to_path_buf(),
+            cancel: CancellationToken::new(),
+        };
+        // without a trailing slash the directory itself is copied
+        c.upload_dir("dst".into(), src.path().join("d"), vec!["*.log".into()])
+            .await
+            .unwrap();
+        assert!(scratch.path().join("dst/d/keep.txt").exists());
+        assert!(scratch.path().join("dst/d/sub/x.txt").exists());
+        assert!(!scratch.path().join("dst/d/skip.log").exists());
+        // with a trailing slash, its contents
+        let mut with_slash = src.path().join("d").into_os_string();
+        with_slash.push("/");
+        c.upload_dir("dst2".into(), with_slash.into(), vec!["sub".into()])
+            .await
+            .unwrap();
+        assert!(scratch.path().join("dst2/keep.txt").exists());
+        assert!(!scratch.path().join("dst2/sub").exists());
+        let back = tempfile::tempdir().unwrap();
+        c.download_dir("dst/d".into(), back.path().to_path_buf(), vec![])
+            .await
+            .unwrap();
+        assert!(back.path().join("sub/x.txt").exists());
     }
 
     #[tokio::test]

@@ -4,6 +4,28 @@
 //!
 //! A builder implements [`Builder`] (and a [`Communicator`] for its
 //! machine); [`plugin_main`] serves it to Packer 1.6.6 and Packer ≥ 1.7.
+//!
+//! # Which Packer finds what (`packer-plugin-nspawn install`)
+//!
+//! * Packer 1.6.6 … 1.10: `~/.packer.d/plugins/packer-builder-nspawn`
+//!   (or `$PACKER_CONFIG_DIR/.packer.d/plugins/`), builder type `nspawn`.
+//!   The same binary dropped there as `packer-plugin-nspawn` is also loaded
+//!   (types `nspawn-<builder>`), via `describe` and `start builder NAME`.
+//! * Packer ≥ 1.11 loads only installed plugins:
+//!   `<plugins>/github.com/packer-plugin-nspawn/nspawn/packer-plugin-nspawn_vX.Y.Z_x5.0_linux_amd64`
+//!   plus its `_SHA256SUM`, where `<plugins>` is `$PACKER_PLUGIN_PATH` or
+//!   `~/.packer.d/plugins`.
+//!
+//! # Handshake choice
+//!
+//! `--protobuf` in argv means Packer ≥ 1.12 (4-field line, protobuf
+//! ConfigSpec). Otherwise the parent's version (`<parent exe> version`)
+//! decides: < 1.7 gets the 3-field line, anything else (or an unknown
+//! parent) the 4-field one; the ConfigSpec is gob, with the nested
+//! ObjectSpec named after Debian's vendor path when the parent binary
+//! contains it. `PACKER_PLUGIN_NSPAWN_PROTO=legacy|modern` and
+//! `PACKER_PLUGIN_NSPAWN_OBJSPEC=debian|module` override the probes;
+//! `PACKER_PLUGIN_NSPAWN_LOG` sets the stderr log filter (default `info`).
 
 pub mod api;
 pub mod broker;

@@ -492,6 +492,31 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn undecodable_body_gets_an_error_response() {
+        let (mut core, plugin) = tokio::io::duplex(1024);
+        let handler: Handler = Arc::new(|_m: String, _b: Value| {
+            Box::pin(async move { Ok(Value::Nil) }) as BoxFuture<'static, _>
+        });
+        let server = tokio::spawn(serve(plugin, "test", handler));
+        let mut bytes = encode(&request_header("Builder.Prepare", 7));
+        bytes.extend_from_slice(&[0x92, 0x01]); // truncated body
+        core.write_all(&bytes).await.unwrap();
+        core.shutdown().await.unwrap();
+        let mut r = MsgReader::new(core);
+        let hdr = tokio::time::timeout(std::time::Duration::from_secs(5), r.next())
+            .await
+            .expect("no hang")
+            .unwrap()
+            .unwrap();
+        assert_eq!(field_u64(&hdr, "Seq"), 7);
+        assert!(
+            field_str(&hdr, "Error").contains("stream ended inside a msgpack value"),
+            "{hdr}"
+        );
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
     async fn concurrent_client_and_server() {
         let (a, b) = tokio::io::duplex(1024);
         let handler: Handler = Arc::new(|m: String, body: Value| {

@@ -616,6 +616,19 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn bad_frame_ends_the_session_with_an_error() {
+        let (a, mut b) = tokio::net::UnixStream::pair().unwrap();
+        let (ar, aw) = a.into_split();
+        let (_s, _inc, done) = Session::start(ar, aw, true, false);
+        b.write_all(&[7u8; 12]).await.unwrap();
+        let e = tokio::time::timeout(Duration::from_secs(5), done)
+            .await
+            .expect("no hang")
+            .unwrap();
+        assert!(matches!(e, Some(YamuxError::BadFrame(_))), "{e:?}");
+    }
+
+    #[tokio::test]
     async fn streams_pings_and_flow_control() {
         let (a, b) = tokio::net::UnixStream::pair().unwrap();
         let (ar, aw) = a.into_split();
