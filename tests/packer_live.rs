@@ -384,6 +384,11 @@ build {{
     assert!(!out.contains("not-reached"), "{out}");
     let log = env.log();
     assert!(log.contains("Builder.Cancel received"), "{log}");
+    // our Hook.Cancel made Packer cancel the running provisioner
+    assert!(
+        log.contains("Cancelling provisioner after context cancellation"),
+        "{log}"
+    );
     // the plugin process is gone too
     let t = Instant::now();
     while !plugin_processes(&marker).is_empty() {

@@ -87,6 +87,10 @@ fn core_ui_hook_handler(broker: Broker, log: Log) -> Handler {
                     Ok(Mp::Nil)
                 }
                 "Ui.Machine" => Ok(Mp::Nil),
+                "Ui.Ask" => Ok(Mp::from(format!(
+                    "answer to {}",
+                    rpc::as_string(&body).unwrap_or_default()
+                ))),
                 "Ui.NewTrackProgress" => Ok(Mp::from("coreTracker")),
                 "UicoreTracker.Add" | "UicoreTracker.Close" => {
                     log.lock().unwrap().push(method.clone());
@@ -114,6 +118,8 @@ async fn provision(broker: &Broker, c: &Client, log: &Log) {
     c.call("Ui.Say", Mp::from("from-provisioner"))
         .await
         .unwrap();
+    let answer = c.call("Ui.Ask", Mp::from("q?")).await.unwrap();
+    assert_eq!(answer, Mp::from("answer to q?"));
     // progress forwarding: tracker id is the plugin's, calls reach our tracker
     let tid = c
         .call(
