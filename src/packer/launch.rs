@@ -110,14 +110,34 @@ pub fn parse_packer_version(text: &str) -> Option<(u32, u32, u32)> {
     Some((maj, min, patch.parse().ok()?))
 }
 
-/// Whether the parent Packer is Debian's GOPATH/vendor build.
+/// Whether the parent Packer is Debian's GOPATH/vendor build (scans the
+/// parent's executable in chunks for the vendored hcldec package path).
 fn parent_is_vendored_build() -> bool {
     let ppid = std::os::unix::process::parent_id();
-    match std::fs::read(format!("/proc/{ppid}/exe")) {
-        Ok(b) => b
-            .windows(DEBIAN_VENDOR_MARKER.len())
-            .any(|w| w == DEBIAN_VENDOR_MARKER),
-        Err(_) => false,
+    let Ok(mut f) = std::fs::File::open(format!("/proc/{ppid}/exe")) else {
+        return false;
+    };
+    contains_marker(&mut f, DEBIAN_VENDOR_MARKER)
+}
+
+/// Streams `r` looking for `needle` (chunks overlap by `needle.len() - 1`).
+pub fn contains_marker(r: &mut impl std::io::Read, needle: &[u8]) -> bool {
+    let mut buf = vec![0u8; 1 << 20];
+    let keep = needle.len() - 1;
+    let mut filled = 0;
+    loop {
+        let n = match r.read(&mut buf[filled..]) {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => n,
+        };
+        filled += n;
+        if buf[..filled].windows(needle.len()).any(|w| w == needle) {
+            return true;
+        }
+        if filled > keep {
+            buf.copy_within(filled - keep..filled, 0);
+            filled = keep;
+        }
     }
 }
 
@@ -428,6 +448,22 @@ pub fn install(binary: &Path, layouts: &[InstallLayout]) -> Result<Vec<PathBuf>,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn marker_scan_across_chunk_boundaries() {
+        let mut data = vec![b'x'; (1 << 20) - 10];
+        data.extend_from_slice(DEBIAN_VENDOR_MARKER);
+        data.extend_from_slice(&[b'y'; 100]);
+        assert!(contains_marker(&mut &data[..], DEBIAN_VENDOR_MARKER));
+        assert!(!contains_marker(
+            &mut &data[..(1 << 20)],
+            DEBIAN_VENDOR_MARKER
+        ));
+        if let Ok(mut f) = std::fs::File::open("/usr/bin/packer") {
+            // Debian's packer 1.6.6 is the vendor build
+            assert!(contains_marker(&mut f, DEBIAN_VENDOR_MARKER));
+        }
+    }
 
     #[test]
     fn version_parsing() {

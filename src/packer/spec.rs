@@ -64,18 +64,18 @@ pub struct ObjectSpec(pub BTreeMap<String, Spec>);
 pub type ConfigSpec = ObjectSpec;
 
 /// The generic attributes every SDK builder accepts.
-pub const PACKER_COMMON_ATTRS: &[(&str, fn() -> CtyType)] = &[
-    ("packer_build_name", || CtyType::String),
-    ("packer_builder_type", || CtyType::String),
-    ("packer_core_version", || CtyType::String),
-    ("packer_debug", || CtyType::Bool),
-    ("packer_force", || CtyType::Bool),
-    ("packer_on_error", || CtyType::String),
-    ("packer_user_variables", || CtyType::map(CtyType::String)),
-    ("packer_sensitive_variables", || {
-        CtyType::list(CtyType::String)
-    }),
-];
+pub fn packer_common_attrs() -> Vec<(&'static str, CtyType)> {
+    vec![
+        ("packer_build_name", CtyType::String),
+        ("packer_builder_type", CtyType::String),
+        ("packer_core_version", CtyType::String),
+        ("packer_debug", CtyType::Bool),
+        ("packer_force", CtyType::Bool),
+        ("packer_on_error", CtyType::String),
+        ("packer_user_variables", CtyType::map(CtyType::String)),
+        ("packer_sensitive_variables", CtyType::list(CtyType::String)),
+    ]
+}
 
 impl ObjectSpec {
     pub fn new() -> Self {
@@ -137,9 +137,9 @@ impl ObjectSpec {
 
     /// The spec plus the `packer_*` attributes (unless already present).
     pub fn with_packer_common(mut self) -> Self {
-        for (k, t) in PACKER_COMMON_ATTRS {
-            if !self.0.contains_key(*k) {
-                self = self.attr(k, t());
+        for (k, t) in packer_common_attrs() {
+            if !self.0.contains_key(k) {
+                self = self.attr(k, t);
             }
         }
         self
