@@ -503,6 +503,34 @@ mod tests {
     }
 
     #[test]
+    fn hcl_nested_blocks_from_capture() {
+        let Some(raws) = capture_prepare("12-hcl-amazon-ebs-nested-configspec") else {
+            eprintln!("SKIP: capture 12 not found");
+            return;
+        };
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(
+            "../shared/docs/packer-transcripts/gob/live-configspec-amazon-ebs-nested.decoded-by-go.txt",
+        );
+        let spec = crate::packer::spec::parse_gobdump_text(&std::fs::read_to_string(p).unwrap());
+        let cfg = from_raws(&raws, &spec).unwrap();
+        // a present block list, an absent one ([]), a single block, and an absent one (null)
+        assert_eq!(
+            cfg.values["launch_block_device_mappings"],
+            json!([{"device_name": "/dev/sda1", "volume_size": 8}])
+        );
+        assert_eq!(cfg.values["ami_block_device_mappings"], json!([]));
+        assert_eq!(
+            cfg.values["source_ami_filter"]["filters"],
+            json!({"name": "debian-*"})
+        );
+        assert_eq!(cfg.values["source_ami_filter"]["owners"], json!(["self"]));
+        assert!(!cfg.values.contains_key("assume_role"));
+        assert_eq!(cfg.get_str("ami_name"), Some("x"));
+        assert_eq!(cfg.packer.build_name, "n");
+        assert!(!cfg.packer.debug);
+    }
+
+    #[test]
     fn coercion_and_errors_name_the_option() {
         let raws = vec![
             json_to_mp(

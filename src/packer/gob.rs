@@ -545,76 +545,6 @@ mod tests {
         canon(&d.ty, &d.value)
     }
 
-    fn parse_cty(s: &str) -> CtyType {
-        match s {
-            "cty.String" => CtyType::String,
-            "cty.Number" => CtyType::Number,
-            "cty.Bool" => CtyType::Bool,
-            _ if s.starts_with("cty.List(") => CtyType::list(parse_cty(&s[9..s.len() - 1])),
-            _ if s.starts_with("cty.Map(") => CtyType::map(parse_cty(&s[8..s.len() - 1])),
-            other => panic!("cty type {other}"),
-        }
-    }
-
-    fn attr_of(line: &str, key: &str) -> String {
-        let i = line.find(&format!("{key}:")).unwrap() + key.len() + 1;
-        let rest = &line[i..];
-        if let Some(r) = rest.strip_prefix('"') {
-            r[..r.find('"').unwrap()].to_string()
-        } else {
-            rest.split([' ', '}']).next().unwrap().to_string()
-        }
-    }
-
-    /// Parses gobdump's text form of an ObjectSpec (one entry per line).
-    fn parse_go_text(lines: &mut std::iter::Peekable<std::str::Lines<'_>>) -> ObjectSpec {
-        let mut spec = ObjectSpec::new();
-        while let Some(line) = lines.next() {
-            let t = line.trim();
-            if t == "}" || t == "}}" || t == "{" {
-                if t == "{" {
-                    continue;
-                }
-                break;
-            }
-            let key = t[1..t[1..].find('"').unwrap() + 1].to_string();
-            let required = t.contains("Required:true");
-            if t.contains("AttrSpec{") {
-                let ty = parse_cty(&attr_of(t, "Type"));
-                let name = attr_of(t, "Name");
-                spec.0.insert(key, Spec::Attr { name, ty, required });
-            } else if t.contains("BlockListSpec{") {
-                let type_name = attr_of(t, "TypeName");
-                let min_items = attr_of(t, "MinItems").parse().unwrap();
-                let max_items = attr_of(t, "MaxItems").parse().unwrap();
-                let nested = parse_go_text(lines);
-                spec.0.insert(
-                    key,
-                    Spec::BlockList {
-                        type_name,
-                        min_items,
-                        max_items,
-                        nested,
-                    },
-                );
-            } else if t.contains("BlockSpec{") {
-                let type_name = attr_of(t, "TypeName");
-                let nested = parse_go_text(lines);
-                spec.0.insert(
-                    key,
-                    Spec::Block {
-                        type_name,
-                        required,
-                        nested,
-                    },
-                );
-            } else {
-                panic!("unexpected line {t}");
-            }
-        }
-        spec
-    }
-
     #[test]
     fn live_configspecs_decode_like_ours() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -631,7 +561,7 @@ mod tests {
                 dir.join(format!("live-configspec-{name}.decoded-by-go.txt")),
             )
             .unwrap();
-            let spec = parse_go_text(&mut text.lines().peekable());
+            let spec = crate::packer::spec::parse_gobdump_text(&text);
             assert!(
                 spec.0.len() > 5,
                 "{name}: parsed only {} entries",

@@ -330,7 +330,9 @@ async fn serve(builder: Arc<dyn Builder>, plan: LaunchPlan) -> Result<(), Packer
         .map_err(|_| PackerError::Listen("Packer did not connect within 60 s".into()))?
         .map_err(|e| PackerError::Listen(e.to_string()))?;
     drop(listener);
+    // Packer connects once; nothing is left to clean up if we are SIGKILLed.
     let _ = std::fs::remove_file(&path);
+    let _ = dir.close();
     // Packer handles Ctrl-C/SIGTERM and cancels over RPC; like the Go SDK we
     // ignore those signals from here on.
     for kind in [
