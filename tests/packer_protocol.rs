@@ -163,6 +163,40 @@ async fn provision(broker: &Broker, c: &Client, log: &Log) {
     .unwrap();
     assert_eq!(out.await.unwrap(), b"hi-from-cmd\n");
     assert_eq!(resp.await.unwrap(), gob::command_finished(5));
+    // stdin flows core -> plugin -> command
+    let (b6, b7, b8) = (broker.clone(), broker.clone(), broker.clone());
+    let stdin = tokio::spawn(async move {
+        let mut s = b6.accept(21).await.unwrap();
+        s.write_all(b"from-stdin").await.unwrap();
+        s.shutdown().await.unwrap();
+    });
+    let out = tokio::spawn(async move {
+        let mut s = b7.accept(22).await.unwrap();
+        let mut v = Vec::new();
+        s.read_to_end(&mut v).await.unwrap();
+        v
+    });
+    let resp = tokio::spawn(async move {
+        let mut s = b8.accept(23).await.unwrap();
+        let mut v = Vec::new();
+        s.read_to_end(&mut v).await.unwrap();
+        v
+    });
+    c.call(
+        "Communicator.Start",
+        rpc::map([
+            ("Command", Mp::from("cat")),
+            ("StdinStreamId", Mp::from(21)),
+            ("StdoutStreamId", Mp::from(22)),
+            ("StderrStreamId", Mp::from(0)),
+            ("ResponseStreamId", Mp::from(23)),
+        ]),
+    )
+    .await
+    .unwrap();
+    stdin.await.unwrap();
+    assert_eq!(out.await.unwrap(), b"from-stdin");
+    assert_eq!(resp.await.unwrap(), gob::command_finished(0));
     // Upload with a FileInfo (mode 0600, time as msgpack ext -1)
     let b4 = broker.clone();
     let up = tokio::spawn(async move {
@@ -367,4 +401,99 @@ async fn modern_protobuf_session_end_to_end() {
         .expect("plugin exits when the session ends")
         .unwrap();
     assert!(status.success(), "{status:?}");
+}
+
+/// Starts the plugin, reads its handshake line and connects a fake core.
+async fn connect(
+    arg0: &str,
+    args: &[&str],
+    envs: &[(&str, &str)],
+) -> (tokio::process::Child, Vec<String>, Client, Session) {
+    let mut cmd = tokio::process::Command::new(BIN);
+    cmd.arg0(arg0)
+        .args(args)
+        .env(COOKIE_KEY, COOKIE_VALUE)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true);
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let line = tokio::task::spawn_blocking(move || {
+        let mut l = String::new();
+        BufReader::new(std::fs::File::from(stdout.into_owned_fd().unwrap()))
+            .read_line(&mut l)
+            .unwrap();
+        l
+    })
+    .await
+    .unwrap();
+    let parts: Vec<String> = line.trim().split('|').map(str::to_string).collect();
+    let conn = tokio::net::UnixStream::connect(parts.last().unwrap())
+        .await
+        .unwrap();
+    let (r, w) = conn.into_split();
+    let (session, incoming, _done) = Session::start(r, w, false, true);
+    let broker = Broker::new(session.clone(), incoming);
+    let c = Client::new(broker.dial(0).await.unwrap(), "fake core");
+    (child, parts, c, session)
+}
+
+async fn config_spec_bytes(c: &Client) -> Vec<u8> {
+    let v = c.call("Builder.ConfigSpec", Mp::Nil).await.unwrap();
+    match field(&v, "ConfigSpec") {
+        Some(Mp::Binary(b)) => b.clone(),
+        _ => panic!("no ConfigSpec in {v}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_and_modern_gob_launches() {
+    let spec = hosttest::factory().config_spec().with_packer_common();
+
+    // Packer 1.6.6 style: no arguments, argv[0] packer-builder-hosttest, 3 fields, Debian gob name
+    let (mut child, parts, c, session) = connect(
+        "packer-builder-hosttest",
+        &[],
+        &[
+            ("PACKER_PLUGIN_NSPAWN_PROTO", "legacy"),
+            ("PACKER_PLUGIN_NSPAWN_OBJSPEC", "debian"),
+        ],
+    )
+    .await;
+    assert_eq!(parts.len(), 3, "{parts:?}");
+    assert_eq!(&parts[..2], &["5", "unix"]);
+    assert_eq!(
+        config_spec_bytes(&c).await,
+        gob::object_spec(&spec, gob::OBJSPEC_NAME_DEBIAN)
+    );
+    session.close();
+    tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+
+    // Packer 1.7 … 1.11 style: start builder NAME, 4 fields, module gob name
+    let (mut child, parts, c, session) = connect(
+        "packer-plugin-nspawn",
+        &["start", "builder", "hosttest"],
+        &[
+            ("PACKER_PLUGIN_NSPAWN_PROTO", "modern"),
+            ("PACKER_PLUGIN_NSPAWN_OBJSPEC", "module"),
+        ],
+    )
+    .await;
+    assert_eq!(&parts[..3], &["5", "0", "unix"], "{parts:?}");
+    assert_eq!(
+        config_spec_bytes(&c).await,
+        gob::object_spec(&spec, gob::OBJSPEC_NAME_MODULE)
+    );
+    session.close();
+    tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
 }
