@@ -52,7 +52,7 @@ impl BuilderSet {
     }
 }
 
-/// `describe` output (keys in the SDK's order).
+/// `describe` output (the SDK's keys; Packer decodes them by name, order is irrelevant).
 pub fn describe_json(set: &BuilderSet) -> String {
     let mut builders: Vec<String> = set.builders.keys().cloned().collect();
     if set.default.is_some() {
