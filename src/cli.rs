@@ -30,6 +30,45 @@ enum Command {
     Bootstrap(BootstrapArgs),
     /// Compare our bootstrap with debootstrap and mmdebstrap, cold and warm.
     Bench(BenchArgs),
+    /// Install this binary where Packer finds it (both layouts unless one is chosen).
+    Install {
+        /// Only `~/.packer.d/plugins/packer-builder-nspawn` (Packer 1.6.6 ... 1.10).
+        #[arg(long, conflicts_with = "modern")]
+        legacy: bool,
+        /// Only the `github.com/.../packer-plugin-nspawn_vX.Y.Z_x5.0_linux_amd64` layout (Packer >= 1.7).
+        #[arg(long)]
+        modern: bool,
+    },
+}
+
+/// Whether `first` (argv[1]) names one of our own commands rather than a Packer
+/// plugin invocation (`describe`, `start`, or none at all for Packer 1.6.6).
+pub fn is_cli_command(first: Option<&str>) -> bool {
+    matches!(
+        first,
+        Some("bootstrap" | "bench" | "install" | "help" | "--help" | "-h" | "--version" | "-V")
+    )
+}
+
+fn run_install(legacy: bool, modern: bool) -> anyhow::Result<()> {
+    use nspawn::packer::{self, InstallLayout};
+    let layouts = match (legacy, modern) {
+        (true, false) => vec![InstallLayout::Legacy],
+        (false, true) => vec![InstallLayout::Modern],
+        _ => vec![InstallLayout::Legacy, InstallLayout::Modern],
+    };
+    let exe = std::env::current_exe().context("locating this executable")?;
+    for f in packer::install(&exe, &layouts)? {
+        let who = if f.ends_with("packer-builder-nspawn") {
+            "for Packer 1.6.6 ... 1.10 (builder type \"nspawn\")"
+        } else if f.to_string_lossy().ends_with("_SHA256SUM") {
+            "checksum of the above"
+        } else {
+            "for Packer >= 1.7 (required from 1.11)"
+        };
+        println!("installed {} {who}", f.display());
+    }
+    Ok(())
 }
 
 #[derive(Args)]
@@ -262,6 +301,7 @@ pub fn main() -> ExitCode {
     let r = match cli.command {
         Command::Bootstrap(a) => run_bootstrap(a),
         Command::Bench(a) => run_bench(a),
+        Command::Install { legacy, modern } => run_install(legacy, modern),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
