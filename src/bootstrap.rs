@@ -540,6 +540,19 @@ pub fn bootstrap(opts: &Options, target: &Path) -> Result<Outcome, BootstrapErro
     let unpacked = unpacked?;
     t.unpack = t2.elapsed().as_secs_f64();
     t.unpack_bytes = unpacked.iter().map(|u| u.data_bytes).sum();
+    // debootstrap extracts the required set with tar before dpkg runs, so those
+    // conffiles exist for every maintainer script (see `unpack::place_conffiles`).
+    let required: std::collections::HashSet<&str> = plan
+        .packages
+        .iter()
+        .filter(|c| c.required)
+        .map(|c| c.package.as_str())
+        .collect();
+    let required: Vec<&unpack::UnpackedPackage> = unpacked
+        .iter()
+        .filter(|u| required.contains(u.package.as_str()))
+        .collect();
+    unpack::place_conffiles(staging.path(), &required)?;
 
     if uopts.merged_usr == unpack::MergedUsr::No && !is_before_bookworm(&plan.codename) {
         // debootstrap's marker for a deliberately unmerged tree of bookworm or later.
