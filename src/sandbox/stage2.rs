@@ -65,6 +65,10 @@ pub fn second_stage(
         s.set_env("DPKG_MAINTSCRIPT_ARCH", &pkg.arch);
         s.set_env("DPKG_MAINTSCRIPT_NAME", "preinst");
         s.set_env("DPKG_ROOT", "");
+        // dpkg runs a new package's preinst from `tmp.ci/`, where debconf's frontend reads
+        // the package name off `tmp.ci/control`; from `info/` it cannot tell and would
+        // register the templates the preinst loads to the owner "unknown".
+        s.set_env("DEBCONF_PACKAGE", &pkg.name);
         s.set_env("DPKG_ADMINDIR", ADMINDIR);
         if let Some(v) = &dpkg_version {
             s.set_env("DPKG_RUNNING_VERSION", v);
