@@ -5,8 +5,8 @@
 //! `newconffile` because they were extracted as `.dpkg-new`), `info/<pkg>[:<arch>].*` (file list,
 //! md5sums, conffiles, maintainer scripts, triggers, shlibs, symbols, templates, config),
 //! `info/format`, `arch`, `available`, and the empty `updates/`, `triggers/` and
-//! `alternatives/` directories. `Priority` and `Section` come from the archive's stanza in
-//! `available` where it has them, as they do in dpkg's own database. Trigger interest files are left to dpkg, which rebuilds them
+//! `alternatives/` directories. `Priority` and `Section` of the packages the caller names
+//! come from the archive's stanza in `available`, as in debootstrap's tree. Trigger interest files are left to dpkg, which rebuilds them
 //! during `--configure`.
 
 use std::collections::HashMap;
@@ -48,11 +48,18 @@ const INFO_MEMBERS: [(&str, bool); 11] = [
 ];
 
 /// Writes `target/var/lib/dpkg` for `pkgs`; `available` is written verbatim as `available`.
+///
+/// Packages for which `archive_classified` is true get `Priority` and `Section` from their
+/// stanza in `available` (see [`archive_classification`]); the others keep their control's.
+/// debootstrap's tree has the archive's values for its required set, which dpkg installed
+/// before debootstrap wrote `available`, and the control's for the rest, which it unpacked
+/// afterwards (unpacking a `.deb` sets both from its control).
 pub fn write_database(
     target: &Path,
     native_arch: &str,
     pkgs: &[UnpackedPackage],
     available: &str,
+    archive_classified: &dyn Fn(&UnpackedPackage) -> bool,
 ) -> Result<(), DpkgError> {
     let admin = target.join("var/lib/dpkg");
     for d in ["", "info", "updates", "triggers", "alternatives"] {
@@ -73,7 +80,10 @@ pub fn write_database(
             status.push('\n');
         }
         let key = (p.package.clone(), p.architecture.clone());
-        let overrides = classification.get(&key).map_or(&[][..], Vec::as_slice);
+        let overrides = match classification.get(&key) {
+            Some(o) if archive_classified(p) => o.as_slice(),
+            _ => &[],
+        };
         status.push_str(&status_stanza_overriding(p, overrides)?);
         write_info(&admin.join("info"), p)?;
     }
@@ -311,7 +321,7 @@ mod tests {
         let root = t.path().join("root");
         fs::create_dir(&root).unwrap();
         let pkgs = build_set(&root, t.path());
-        write_database(&root, "amd64", &pkgs, "Package: libfoo1\n").unwrap();
+        write_database(&root, "amd64", &pkgs, "Package: libfoo1\n", &|_| true).unwrap();
         let admin = root.join("var/lib/dpkg");
         let status = fs::read_to_string(admin.join("status")).unwrap();
         let stanzas: Vec<&str> = status.split("\n\n").collect();
@@ -363,7 +373,16 @@ mod tests {
         fs::create_dir(&root).unwrap();
         let pkgs = build_set(&root, t.path());
         let available = "Package: libfoo1\nArchitecture: amd64\nPriority: important\nSection: libs\nDescription: x\n more\n\nPackage: base-files\nArchitecture: i386\nPriority: optional\n";
-        write_database(&root, "amd64", &pkgs, available).unwrap();
+        write_database(&root, "amd64", &pkgs, available, &|p| {
+            p.package != "libfoo1"
+        })
+        .unwrap();
+        let status = fs::read_to_string(root.join("var/lib/dpkg/status")).unwrap();
+        assert!(
+            status.contains("\nPriority: optional\n"),
+            "libfoo1 not classified"
+        );
+        write_database(&root, "amd64", &pkgs, available, &|_| true).unwrap();
         let status = fs::read_to_string(root.join("var/lib/dpkg/status")).unwrap();
         let stanzas: Vec<&str> = status.split("\n\n").collect();
         // Another architecture's stanza does not apply.
@@ -398,7 +417,7 @@ mod tests {
         let root = t.path().join("root");
         fs::create_dir(&root).unwrap();
         let pkgs = build_set(&root, t.path());
-        write_database(&root, "amd64", &pkgs, "").unwrap();
+        write_database(&root, "amd64", &pkgs, "", &|_| true).unwrap();
         let admin = root.join("var/lib/dpkg");
 
         let out = Command::new("dpkg-query")
