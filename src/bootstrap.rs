@@ -587,6 +587,18 @@ pub fn bootstrap(opts: &Options, target: &Path) -> Result<Outcome, BootstrapErro
     let unpacked = unpacked?;
     t.unpack = t2.elapsed().as_secs_f64();
     t.unpack_bytes = unpacked.iter().map(|u| u.data_bytes).sum();
+    // debootstrap extracts the required set with tar before dpkg runs, so those
+    // conffiles exist for every maintainer script (see `unpack::place_conffiles`).
+    let required: std::collections::HashSet<&str> = plan
+        .packages
+        .iter()
+        .filter(|c| c.required)
+        .map(|c| c.package.as_str())
+        .collect();
+    let is_required = |u: &unpack::UnpackedPackage| required.contains(u.package.as_str());
+    let required_unpacked: Vec<&unpack::UnpackedPackage> =
+        unpacked.iter().filter(|u| is_required(u)).collect();
+    unpack::place_conffiles(staging.path(), &required_unpacked)?;
 
     if uopts.merged_usr == unpack::MergedUsr::No && !is_before_bookworm(&plan.codename) {
         // debootstrap's marker for a deliberately unmerged tree of bookworm or later.
@@ -607,6 +619,7 @@ pub fn bootstrap(opts: &Options, target: &Path) -> Result<Outcome, BootstrapErro
         &plan.inputs.arch,
         &unpacked,
         &plan.available,
+        &is_required,
     )?;
     t.dpkg_db = t3.elapsed().as_secs_f64();
 
@@ -633,7 +646,14 @@ pub fn bootstrap(opts: &Options, target: &Path) -> Result<Outcome, BootstrapErro
         let mut spec = SandboxSpec::new(staging.path());
         spec.userns = userns;
         spec.hostname = Some(hostname_for(target));
-        sandbox::second_stage(staging.path(), &spec, &mut log)?;
+        // debootstrap's order: the required set first, then what the others pre-depend on.
+        let required: Vec<String> = plan
+            .packages
+            .iter()
+            .filter(|c| c.required)
+            .map(|c| c.package.clone())
+            .collect();
+        sandbox::second_stage_phased(staging.path(), &spec, &mut log, &required)?;
         drop(log);
         if let Some(map) = &userns {
             // The log was written from outside the namespace: give it to the tree's root.

@@ -5,9 +5,11 @@
 //! `newconffile` because they were extracted as `.dpkg-new`), `info/<pkg>[:<arch>].*` (file list,
 //! md5sums, conffiles, maintainer scripts, triggers, shlibs, symbols, templates, config),
 //! `info/format`, `arch`, `available`, and the empty `updates/`, `triggers/` and
-//! `alternatives/` directories. Trigger interest files are left to dpkg, which rebuilds them
+//! `alternatives/` directories. `Priority` and `Section` of the packages the caller names
+//! come from the archive's stanza in `available`, as in debootstrap's tree. Trigger interest files are left to dpkg, which rebuilds them
 //! during `--configure`.
 
+use std::collections::HashMap;
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -46,11 +48,18 @@ const INFO_MEMBERS: [(&str, bool); 11] = [
 ];
 
 /// Writes `target/var/lib/dpkg` for `pkgs`; `available` is written verbatim as `available`.
+///
+/// Packages for which `archive_classified` is true get `Priority` and `Section` from their
+/// stanza in `available` (see [`archive_classification`]); the others keep their control's.
+/// debootstrap's tree has the archive's values for its required set, which dpkg installed
+/// before debootstrap wrote `available`, and the control's for the rest, which it unpacked
+/// afterwards (unpacking a `.deb` sets both from its control).
 pub fn write_database(
     target: &Path,
     native_arch: &str,
     pkgs: &[UnpackedPackage],
     available: &str,
+    archive_classified: &dyn Fn(&UnpackedPackage) -> bool,
 ) -> Result<(), DpkgError> {
     let admin = target.join("var/lib/dpkg");
     for d in ["", "info", "updates", "triggers", "alternatives"] {
@@ -64,12 +73,18 @@ pub fn write_database(
             .cmp(&(b.package.as_str(), b.architecture.as_str()))
     });
 
+    let classification = archive_classification(available);
     let mut status = String::new();
     for p in &sorted {
         if !status.is_empty() {
             status.push('\n');
         }
-        status.push_str(&status_stanza(p)?);
+        let key = (p.package.clone(), p.architecture.clone());
+        let overrides = match classification.get(&key) {
+            Some(o) if archive_classified(p) => o.as_slice(),
+            _ => &[],
+        };
+        status.push_str(&status_stanza_overriding(p, overrides)?);
         write_info(&admin.join("info"), p)?;
     }
 
@@ -116,9 +131,55 @@ fn write_info(info: &Path, p: &UnpackedPackage) -> Result<(), DpkgError> {
     Ok(())
 }
 
+/// `Priority` and `Section` lines of each `(Package, Architecture)` stanza in `available`.
+///
+/// dpkg keeps both per package rather than per version, and a stanza read from `available`
+/// (the archive's, carrying the archive's overrides) replaces what the `.deb`'s control
+/// said, while the `.deb` only fills them in when unset. So once debootstrap has written
+/// `available` and run dpkg again, the status file holds the archive's classification
+/// (e.g. `apt` is `Priority: required` in the archive but `important` in its control).
+fn archive_classification(available: &str) -> HashMap<(String, String), Vec<(String, String)>> {
+    let mut out = HashMap::new();
+    for stanza in available.split("\n\n") {
+        let (mut pkg, mut arch, mut fields) = (None, None, Vec::new());
+        for line in stanza.lines() {
+            let Some((name, value)) = line.split_once(':') else {
+                continue;
+            };
+            if line.starts_with([' ', '\t']) {
+                continue;
+            }
+            let name = name.trim();
+            if name.eq_ignore_ascii_case("Package") {
+                pkg = Some(value.trim().to_string());
+            } else if name.eq_ignore_ascii_case("Architecture") {
+                arch = Some(value.trim().to_string());
+            } else if name.eq_ignore_ascii_case("Priority") || name.eq_ignore_ascii_case("Section")
+            {
+                fields.push((name.to_string(), line.to_string()));
+            }
+        }
+        if let (Some(pkg), Some(arch)) = (pkg, arch) {
+            if !fields.is_empty() {
+                out.insert((pkg, arch), fields);
+            }
+        }
+    }
+    out
+}
+
 /// The `status` paragraph of `p`: its control fields with `Status: install ok unpacked` right
 /// after `Package`, and `Conffiles:` for the shipped conffiles (hash `newconffile`).
 pub fn status_stanza(p: &UnpackedPackage) -> Result<String, DpkgError> {
+    status_stanza_overriding(p, &[])
+}
+
+/// [`status_stanza`] with the fields named in `overrides` (`(name, whole line)`) taking
+/// the given line instead of the control's, or added after the control's fields.
+fn status_stanza_overriding(
+    p: &UnpackedPackage,
+    overrides: &[(String, String)],
+) -> Result<String, DpkgError> {
     let err = |msg: &str| DpkgError::Control {
         package: p.package.clone(),
         msg: msg.to_string(),
@@ -152,6 +213,7 @@ pub fn status_stanza(p: &UnpackedPackage) -> Result<String, DpkgError> {
     out.push_str(&fields[pkg_idx].1);
     out.push('\n');
     out.push_str("Status: install ok unpacked\n");
+    let mut used = vec![false; overrides.len()];
     for (i, (name, text)) in fields.iter().enumerate() {
         if i == pkg_idx
             || name.eq_ignore_ascii_case("Status")
@@ -159,8 +221,24 @@ pub fn status_stanza(p: &UnpackedPackage) -> Result<String, DpkgError> {
         {
             continue;
         }
+        let text = match overrides
+            .iter()
+            .position(|(n, _)| n.eq_ignore_ascii_case(name))
+        {
+            Some(k) => {
+                used[k] = true;
+                &overrides[k].1
+            }
+            None => text,
+        };
         out.push_str(text);
         out.push('\n');
+    }
+    for (k, (_, text)) in overrides.iter().enumerate() {
+        if !used[k] {
+            out.push_str(text);
+            out.push('\n');
+        }
     }
     if !p.conffiles.is_empty() {
         out.push_str("Conffiles:\n");
@@ -243,7 +321,7 @@ mod tests {
         let root = t.path().join("root");
         fs::create_dir(&root).unwrap();
         let pkgs = build_set(&root, t.path());
-        write_database(&root, "amd64", &pkgs, "Package: libfoo1\n").unwrap();
+        write_database(&root, "amd64", &pkgs, "Package: libfoo1\n", &|_| true).unwrap();
         let admin = root.join("var/lib/dpkg");
         let status = fs::read_to_string(admin.join("status")).unwrap();
         let stanzas: Vec<&str> = status.split("\n\n").collect();
@@ -289,6 +367,32 @@ mod tests {
     }
 
     #[test]
+    fn archive_priority_and_section_win() {
+        let t = tempfile::tempdir_in("/var/tmp").unwrap();
+        let root = t.path().join("root");
+        fs::create_dir(&root).unwrap();
+        let pkgs = build_set(&root, t.path());
+        let available = "Package: libfoo1\nArchitecture: amd64\nPriority: important\nSection: libs\nDescription: x\n more\n\nPackage: base-files\nArchitecture: i386\nPriority: optional\n";
+        write_database(&root, "amd64", &pkgs, available, &|p| {
+            p.package != "libfoo1"
+        })
+        .unwrap();
+        let status = fs::read_to_string(root.join("var/lib/dpkg/status")).unwrap();
+        assert!(
+            status.contains("\nPriority: optional\n"),
+            "libfoo1 not classified"
+        );
+        write_database(&root, "amd64", &pkgs, available, &|_| true).unwrap();
+        let status = fs::read_to_string(root.join("var/lib/dpkg/status")).unwrap();
+        let stanzas: Vec<&str> = status.split("\n\n").collect();
+        // Another architecture's stanza does not apply.
+        assert!(stanzas[0].contains("\nPriority: required\n"), "{status}");
+        assert!(stanzas[1].contains("\nPriority: important\n"), "{status}");
+        assert!(!stanzas[1].contains("Priority: optional"), "{status}");
+        assert!(stanzas[1].contains("\nSection: libs\n"), "{status}");
+    }
+
+    #[test]
     fn dpkg_parses_the_database() {
         let have = |b: &str| {
             Command::new(b)
@@ -313,7 +417,7 @@ mod tests {
         let root = t.path().join("root");
         fs::create_dir(&root).unwrap();
         let pkgs = build_set(&root, t.path());
-        write_database(&root, "amd64", &pkgs, "").unwrap();
+        write_database(&root, "amd64", &pkgs, "", &|_| true).unwrap();
         let admin = root.join("var/lib/dpkg");
 
         let out = Command::new("dpkg-query")

@@ -40,7 +40,7 @@ use std::process::{Command, Stdio};
 
 pub use idmap::{pick_base, IdMap, PrivateUsers, PICK_MAX, PICK_MIN, RANGE};
 pub use shift::{rewrite_cap_xattr, shift_acl_xattr, shift_tree, ShiftReport};
-pub use stage2::second_stage;
+pub use stage2::{second_stage, second_stage_phased};
 
 use proto::{ChildSpec, Msg};
 

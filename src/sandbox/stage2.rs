@@ -12,7 +12,7 @@
 //! `--force-configure-any` are not used: all packages are unpacked before configuring,
 //! so dpkg can order the whole set itself, and a real dependency problem should fail.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -35,10 +35,35 @@ const TAIL_LINES: usize = 15;
 /// Runs the second stage in `root` (which overrides `spec_base.root`); `spec_base`
 /// supplies the user namespace, hostname, binds and helper. Output of every command
 /// goes to `log`; the tail of a failing command's output is in the error.
+///
+/// All preinsts run first, then one `dpkg --configure -a`; see [`second_stage_phased`]
+/// for debootstrap's order.
 pub fn second_stage(
     root: &Path,
     spec_base: &SandboxSpec,
     log: &mut dyn Write,
+) -> Result<(), SandboxError> {
+    second_stage_phased(root, spec_base, log, &[])
+}
+
+/// [`second_stage`] in debootstrap's order when `required` (package names) is not empty:
+///
+/// 1. the required set (and any unpacked dependency of it): preinsts, then
+///    `dpkg --configure` of exactly those packages;
+/// 2. the targets of the other packages' unsatisfied `Pre-Depends` with their
+///    dependencies — what debootstrap's `dpkg --predep-package` loop installs before
+///    the rest (for bookworm's default set: libssl3, systemd, systemd-sysv,
+///    cron-daemon-common);
+/// 3. everything else: preinsts, then `dpkg --configure -a`.
+///
+/// The order is visible in the result: maintainer scripts allocate uids and gids in
+/// the order they run, and `passwd`'s postinst must run before anything that adds
+/// users with `/etc/shadow` missing (systemd-sysusers would create it first).
+pub fn second_stage_phased(
+    root: &Path,
+    spec_base: &SandboxSpec,
+    log: &mut dyn Write,
+    required: &[String],
 ) -> Result<(), SandboxError> {
     let mut spec = spec_base.clone();
     spec.root = root.to_path_buf();
@@ -61,12 +86,10 @@ pub fn second_stage(
 
     let guard = PolicyRcd::install(root, spec.userns.map(|m| m.host_base))?;
 
-    let mut order: Vec<&Pkg> = pkgs.iter().filter(|p| p.unpacked()).collect();
-    order.sort_by_key(|p| p.name != "base-passwd"); // stable: the rest keep status order
-
-    // One sandbox for the whole stage: a driver script runs every preinst with the
-    // environment dpkg gives it, then `dpkg --configure -a`. Setting up namespaces
-    // and mounts once instead of once per script saves most of the stage's overhead.
+    // One sandbox for the whole stage: a driver script runs each phase's preinsts
+    // with the environment dpkg gives them, then its `dpkg --configure`. Setting up
+    // namespaces and mounts once instead of once per script saves most of the
+    // stage's overhead.
     spec.set_env("DPKG_MAINTSCRIPT_PACKAGE_REFCOUNT", "1");
     spec.set_env("DPKG_ROOT", "");
     spec.set_env("DPKG_ADMINDIR", ADMINDIR);
@@ -74,25 +97,41 @@ pub fn second_stage(
         spec.set_env("DPKG_RUNNING_VERSION", v);
     }
     let mut script = String::from("set -u\n");
-    for pkg in order {
-        let Some(path) = pkg.info_file(root, "preinst") else {
+    // Packages configured by an earlier phase (`pkgs` is the status before the stage).
+    let mut done: HashSet<&str> = HashSet::new();
+    for (phase, names) in phases(&pkgs, required).into_iter().enumerate() {
+        let members: Vec<&Pkg> = pkgs
+            .iter()
+            .filter(|p| {
+                p.unpacked()
+                    && !done.contains(p.name.as_str())
+                    && names.as_ref().is_none_or(|n| n.contains(&p.name))
+            })
+            .collect();
+        done.extend(members.iter().map(|p| p.name.as_str()));
+        if members.is_empty() {
             continue;
+        }
+        preinst_lines(&mut script, root, &members);
+        let targets = match names {
+            None => "-a".to_string(),
+            Some(_) => members
+                .iter()
+                .map(|p| sh_quote(&p.dpkg_name()))
+                .collect::<Vec<_>>()
+                .join(" "),
         };
-        // Package names, architectures and info paths are [a-z0-9.+:/_-]: no quoting issues,
-        // but quote anyway so a hostile name cannot become shell syntax.
-        let (n, a, p) = (sh_quote(&pkg.name), sh_quote(&pkg.arch), sh_quote(&path));
         script.push_str(&format!(
             "echo {msg}\n\
-             DPKG_MAINTSCRIPT_PACKAGE={n} DPKG_MAINTSCRIPT_ARCH={a} DPKG_MAINTSCRIPT_NAME=preinst {p} install \
-             || {{ rc=$?; echo \"{MARK}preinst of \"{n}\" exited with status $rc\"; exit $rc; }}\n",
-            msg = sh_quote(&format!("I: running preinst install of {}", pkg.name)),
+             dpkg --force-confold --configure {targets} \
+             || {{ rc=$?; echo \"{MARK}dpkg --force-confold --configure exited with status $rc\"; exit $rc; }}\n",
+            msg = sh_quote(&format!(
+                "I: configuring packages (phase {}, {} packages)",
+                phase + 1,
+                members.len()
+            )),
         ));
     }
-    script.push_str(&format!(
-        "echo 'I: configuring packages'\n\
-         dpkg --force-confold --configure -a \
-         || {{ rc=$?; echo \"{MARK}dpkg --configure -a exited with status $rc\"; exit $rc; }}\n"
-    ));
     let argv = ["/bin/sh".to_string(), "-c".into(), script];
     match run_logged(&spec, &argv, log, "second stage") {
         Err(SandboxError::StageCommand { status, tail, .. }) => {
@@ -118,6 +157,90 @@ pub fn second_stage(
     guard.remove()
 }
 
+/// The package sets of [`second_stage_phased`], in order; `None` is "all the rest"
+/// (`--configure -a`, always last). Only unpacked packages are named.
+fn phases(pkgs: &[Pkg], required: &[String]) -> Vec<Option<HashSet<String>>> {
+    if required.is_empty() {
+        return vec![None];
+    }
+    let mut pending: HashSet<&str> = pkgs
+        .iter()
+        .filter(|p| p.unpacked())
+        .map(|p| p.name.as_str())
+        .collect();
+    let by_name: HashMap<&str, &Pkg> = pkgs.iter().map(|p| (p.name.as_str(), p)).collect();
+    let mut providers: HashMap<&str, Vec<&str>> = HashMap::new();
+    for p in pkgs {
+        for v in &p.provides {
+            providers.entry(v.as_str()).or_default().push(&p.name);
+        }
+    }
+    // The package that satisfies an alternative group: None if one is configured
+    // already (or none exists), else the first pending candidate.
+    let pick = |group: &[String], pending: &HashSet<&str>| -> Option<String> {
+        let mut cands: Vec<&str> = Vec::new();
+        for alt in group {
+            if by_name.contains_key(alt.as_str()) {
+                cands.push(alt);
+            }
+            cands.extend(providers.get(alt.as_str()).into_iter().flatten());
+        }
+        if cands.iter().any(|c| !pending.contains(c)) {
+            return None;
+        }
+        cands.first().map(|c| c.to_string())
+    };
+    // `seed` plus its pending dependencies (Depends and Pre-Depends).
+    let closure = |seed: Vec<String>, pending: &HashSet<&str>| -> HashSet<String> {
+        let mut set: HashSet<String> = HashSet::new();
+        let mut todo = seed;
+        while let Some(n) = todo.pop() {
+            if !pending.contains(n.as_str()) || !set.insert(n.clone()) {
+                continue;
+            }
+            let p = by_name[n.as_str()];
+            for g in p.depends.iter().chain(&p.pre_depends) {
+                todo.extend(pick(g, pending));
+            }
+        }
+        set
+    };
+    let first = closure(required.to_vec(), &pending);
+    pending.retain(|n| !first.contains(*n));
+    let mut targets = Vec::new();
+    for p in pkgs.iter().filter(|p| pending.contains(p.name.as_str())) {
+        for g in &p.pre_depends {
+            targets.extend(pick(g, &pending));
+        }
+    }
+    let second = closure(targets, &pending);
+    vec![Some(first), Some(second), None]
+}
+
+/// Appends `preinst install` of `members` to the driver script (base-passwd's first:
+/// it creates the account files).
+fn preinst_lines(script: &mut String, root: &Path, members: &[&Pkg]) {
+    let mut order = members.to_vec();
+    order.sort_by_key(|p| p.name != "base-passwd"); // stable: the rest keep status order
+    for pkg in order {
+        let Some(path) = pkg.info_file(root, "preinst") else {
+            continue;
+        };
+        // dpkg runs a new package's preinst from `tmp.ci/`, where debconf's frontend reads
+        // the package name off `tmp.ci/control`; from `info/` it cannot tell and would
+        // register the templates the preinst loads to the owner "unknown": hence
+        // DEBCONF_PACKAGE. Everything is quoted so no name can become shell syntax.
+        let (n, a, p) = (sh_quote(&pkg.name), sh_quote(&pkg.arch), sh_quote(&path));
+        script.push_str(&format!(
+            "echo {msg}\n\
+             DPKG_MAINTSCRIPT_PACKAGE={n} DPKG_MAINTSCRIPT_ARCH={a} DPKG_MAINTSCRIPT_NAME=preinst \
+             DEBCONF_PACKAGE={n} {p} install \
+             || {{ rc=$?; echo \"{MARK}preinst of \"{n}\" exited with status $rc\"; exit $rc; }}\n",
+            msg = sh_quote(&format!("I: running preinst install of {}", pkg.name)),
+        ));
+    }
+}
+
 /// One package of the status file (the fields the second stage needs).
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Pkg {
@@ -126,11 +249,24 @@ struct Pkg {
     version: String,
     status: String,
     multi_arch_same: bool,
+    /// Alternative groups of package names (versions and arch qualifiers dropped).
+    depends: Vec<Vec<String>>,
+    pre_depends: Vec<Vec<String>>,
+    provides: Vec<String>,
 }
 
 impl Pkg {
     fn unpacked(&self) -> bool {
         self.status == "install ok unpacked"
+    }
+
+    /// The name dpkg accepts on its command line for this instance.
+    fn dpkg_name(&self) -> String {
+        if self.multi_arch_same {
+            format!("{}:{}", self.name, self.arch)
+        } else {
+            self.name.clone()
+        }
     }
 
     /// Path inside the root of `info/<pkg>[:arch].<what>`, if the file exists.
@@ -170,9 +306,36 @@ fn parse_status(text: &str) -> Vec<Pkg> {
             version: f.get("Version").unwrap_or(&"").to_string(),
             status: f.get("Status").unwrap_or(&"").to_string(),
             multi_arch_same: f.get("Multi-Arch") == Some(&"same"),
+            depends: relation_names(f.get("Depends").copied()),
+            pre_depends: relation_names(f.get("Pre-Depends").copied()),
+            provides: relation_names(f.get("Provides").copied())
+                .into_iter()
+                .flatten()
+                .collect(),
         });
     }
     out
+}
+
+/// `a (>= 1) | b:any, c` → `[[a, b], [c]]`.
+fn relation_names(field: Option<&str>) -> Vec<Vec<String>> {
+    let Some(field) = field else {
+        return Vec::new();
+    };
+    field
+        .split(',')
+        .map(|group| {
+            group
+                .split('|')
+                .filter_map(|alt| {
+                    let name = alt.split(['(', '[', '<']).next()?.trim();
+                    let name = name.split(':').next()?.trim();
+                    (!name.is_empty()).then(|| name.to_string())
+                })
+                .collect::<Vec<_>>()
+        })
+        .filter(|g| !g.is_empty())
+        .collect()
 }
 
 /// `/usr/sbin/policy-rc.d` answering 101 ("action forbidden") so that no maintainer
@@ -338,6 +501,35 @@ mod tests {
     }
 
     #[test]
+    fn phases_follow_debootstrap() {
+        let text = "Package: libc6\nStatus: install ok unpacked\nArchitecture: amd64\nMulti-Arch: same\n\n\
+Package: passwd\nStatus: install ok unpacked\nDepends: libc6 (>= 2.34), login:any\n\n\
+Package: login\nStatus: install ok unpacked\nPre-Depends: libc6\n\n\
+Package: libssl3\nStatus: install ok unpacked\nDepends: libc6\n\n\
+Package: systemd\nStatus: install ok unpacked\nPre-Depends: libssl3 (>= 3), libc6\nDepends: libsd (= 1)\n\n\
+Package: libsd\nStatus: install ok unpacked\n\n\
+Package: systemd-sysv\nStatus: install ok unpacked\nPre-Depends: systemd\n\n\
+Package: init\nStatus: install ok unpacked\nPre-Depends: systemd-sysv | sysvinit-core\n\n\
+Package: tool\nStatus: install ok unpacked\nPre-Depends: awk\nDepends: init\n\n\
+Package: mawk\nStatus: install ok installed\nProvides: awk\n";
+        let pkgs = parse_status(text);
+        assert_eq!(pkgs[1].depends, vec![vec!["libc6"], vec!["login"]]);
+        assert_eq!(phases(&pkgs, &[]), vec![None]);
+        let set = |v: &[&str]| Some(v.iter().map(|s| s.to_string()).collect::<HashSet<_>>());
+        assert_eq!(
+            phases(&pkgs, &["passwd".into()]),
+            vec![
+                set(&["passwd", "libc6", "login"]),
+                // systemd's pre-dependency, init's and systemd-sysv's, with dependencies;
+                // tool's awk is provided by a configured package.
+                set(&["libssl3", "systemd", "libsd", "systemd-sysv"]),
+                None
+            ]
+        );
+        assert_eq!(pkgs[0].dpkg_name(), "libc6:amd64");
+    }
+
+    #[test]
     fn info_file_lookup() {
         let d = tempfile::tempdir().unwrap();
         let info = d.path().join("var/lib/dpkg/info");
@@ -350,6 +542,9 @@ mod tests {
             version: String::new(),
             status: "install ok unpacked".into(),
             multi_arch_same: same,
+            depends: Vec::new(),
+            pre_depends: Vec::new(),
+            provides: Vec::new(),
         };
         assert_eq!(
             mk("libc6", true).info_file(d.path(), "preinst").as_deref(),

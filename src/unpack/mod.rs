@@ -67,6 +67,15 @@ pub enum UnpackError {
         #[source]
         source: std::io::Error,
     },
+    /// Placing the live copy of an extracted conffile failed ([`place_conffiles`]).
+    #[error("package {package}: conffile {path}: {step}: {source}")]
+    Conffile {
+        package: String,
+        path: String,
+        step: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     /// A worker thread panicked while extracting `package`.
     #[error("package {package}: extraction worker panicked")]
     Panic { package: String },
@@ -382,6 +391,82 @@ pub fn unpack_all(
 /// `<dir> -> usr/<dir>` symlink is kept.
 pub fn finish_merged_usr(target: &Path) -> Result<(), UnpackError> {
     extract::merge_usr(target, &MERGED_USR_DIRS)
+}
+
+/// Puts a copy of each shipped conffile of `pkgs` at its live path (same content, mode and
+/// owner as the extracted `<path>.dpkg-new`) unless something is already there. The
+/// `.dpkg-new` file and the `newconffile` status stay as they are, so `dpkg --configure`
+/// finds the live file identical to the new one and installs the new one.
+///
+/// This is the state debootstrap's first stage leaves for its `required` set, whose data
+/// it extracts with tar before dpkg runs: every configuration file of that set exists
+/// while any maintainer script runs. Scripts depend on it: `passwd`'s postinst runs
+/// `pwconv`, which takes the aging fields of the new `/etc/shadow` from `login`'s
+/// `/etc/login.defs`, and dpkg keeps `/var/log/dpkg.log` only when its own
+/// `/etc/dpkg/dpkg.cfg` is in place.
+///
+/// Paths are resolved with the target as root (`RESOLVE_IN_ROOT`); only regular files are
+/// copied and nothing existing is replaced.
+pub fn place_conffiles(target: &Path, pkgs: &[&UnpackedPackage]) -> Result<(), UnpackError> {
+    use nix::errno::Errno;
+    use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
+    use nix::sys::stat::Mode;
+    use std::os::unix::fs::MetadataExt;
+
+    let root = extract::open_target(target)?;
+    let how = |flags: OFlag| {
+        OpenHow::new()
+            .flags(flags | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW)
+            .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS)
+    };
+    for p in pkgs {
+        for c in &p.conffiles {
+            let err = |step: &'static str, source: std::io::Error| UnpackError::Conffile {
+                package: p.package.clone(),
+                path: c.clone(),
+                step,
+                source,
+            };
+            let rel = c.trim_start_matches('/');
+            match openat2(&root, rel, how(OFlag::O_PATH)) {
+                Ok(_) => continue,
+                Err(Errno::ENOENT) => {}
+                Err(e) => return Err(err("look up the live path", e.into())),
+            }
+            let src = match openat2(
+                &root,
+                format!("{rel}.dpkg-new").as_str(),
+                how(OFlag::O_RDONLY),
+            ) {
+                Ok(fd) => std::fs::File::from(fd),
+                // Not shipped as a file (a symlink conffile, ELOOP): nothing to copy.
+                Err(Errno::ENOENT | Errno::ELOOP) => continue,
+                Err(e) => return Err(err("open the .dpkg-new file", e.into())),
+            };
+            let md = src
+                .metadata()
+                .map_err(|e| err("stat the .dpkg-new file", e))?;
+            if !md.is_file() {
+                continue;
+            }
+            let dst = openat2(
+                &root,
+                rel,
+                how(OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL)
+                    .mode(Mode::from_bits_truncate(0o600)),
+            )
+            .map_err(|e| err("create", e.into()))?;
+            let mut dst = std::fs::File::from(dst);
+            std::io::copy(&mut (&src), &mut dst).map_err(|e| err("copy", e))?;
+            // Owner first: chown clears set-id bits.
+            std::os::unix::fs::fchown(&dst, Some(md.uid()), Some(md.gid()))
+                .map_err(|e| err("chown", e))?;
+            use std::os::unix::fs::PermissionsExt;
+            dst.set_permissions(std::fs::Permissions::from_mode(md.mode() & 0o7777))
+                .map_err(|e| err("chmod", e))?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -587,9 +587,49 @@ fn real_debs() {
         el.as_secs_f64()
     );
     let start = std::time::Instant::now();
-    crate::dpkg::write_database(&root, "amd64", &pkgs, "").unwrap();
+    crate::dpkg::write_database(&root, "amd64", &pkgs, "", &|_| true).unwrap();
     eprintln!(
         "dpkg database written in {:.3} s",
         start.elapsed().as_secs_f64()
     );
+}
+
+#[test]
+fn place_conffiles_copies_new_conffiles_to_absent_live_paths() {
+    let t = scratch();
+    let root = t.path().join("root");
+    fs::create_dir(&root).unwrap();
+    let b = DebBuilder::new("cfg", "1.0", "amd64")
+        .file("etc/a.conf", 0o644, b"a=1\n")
+        .file_owned("etc/secret", 0o640, 0, 42, b"s\n")
+        .file("etc/kept", 0o644, b"shipped\n")
+        .symlink("etc/link.conf", "a.conf")
+        .maintainer_script(
+            "conffiles",
+            "/etc/a.conf\n/etc/secret\n/etc/kept\n/etc/link.conf\n",
+        );
+    let input = write_deb(t.path(), "cfg", &b);
+    let p = unpack_one(&root, &input, &opts(MergedUsr::Yes)).unwrap();
+    finish_merged_usr(&root).unwrap();
+    fs::write(root.join("etc/kept"), b"mine\n").unwrap();
+
+    place_conffiles(&root, &[&p]).unwrap();
+
+    let etc = root.join("etc");
+    assert_eq!(fs::read(etc.join("a.conf")).unwrap(), b"a=1\n");
+    assert_eq!(fs::read(etc.join("a.conf.dpkg-new")).unwrap(), b"a=1\n");
+    let md = fs::metadata(etc.join("secret")).unwrap();
+    assert_eq!(md.mode() & 0o7777, 0o640);
+    if is_root() {
+        assert_eq!((md.uid(), md.gid()), (0, 42));
+    }
+    assert_eq!(
+        fs::read(etc.join("kept")).unwrap(),
+        b"mine\n",
+        "existing file kept"
+    );
+    // A symlink conffile is never turned into a copy.
+    assert!(!fs::symlink_metadata(etc.join("link.conf")).is_ok_and(|m| m.file_type().is_file()));
+    // Idempotent.
+    place_conffiles(&root, &[&p]).unwrap();
 }
