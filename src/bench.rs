@@ -36,7 +36,24 @@ pub struct Sample {
     pub wall: f64,
     pub cpu: f64,
     pub max_rss_mib: f64,
+    /// Cores' worth of CPU that other processes used during the run (contention).
+    pub other_cpu: f64,
     pub ok: bool,
+}
+
+/// Busy and total jiffies of the whole machine (`/proc/stat` first line).
+fn cpu_jiffies() -> Option<(u64, u64)> {
+    let s = std::fs::read_to_string("/proc/stat").ok()?;
+    let v: Vec<u64> = s
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: u64 = v.iter().sum();
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    Some((total - idle, total))
 }
 
 /// What to compare.
@@ -85,6 +102,7 @@ fn measure(tool: &str, mode: &str, mut cmd: Command, log: &Path) -> Result<Sampl
     })?)
     .stderr(logf)
     .stdin(std::process::Stdio::null());
+    let busy0 = cpu_jiffies();
     let t = Instant::now();
     let child = cmd.spawn().map_err(|source| BenchError::Spawn {
         tool: tool.into(),
@@ -92,6 +110,12 @@ fn measure(tool: &str, mode: &str, mut cmd: Command, log: &Path) -> Result<Sampl
     })?;
     let (ok, cpu, rss) = wait_rusage(child.id());
     let wall = t.elapsed().as_secs_f64();
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let other_cpu = match (busy0, cpu_jiffies()) {
+        (Some((b0, _)), Some((b1, _))) => (((b1 - b0) as f64 / hz - cpu) / wall).max(0.0),
+        _ => 0.0,
+    };
     // The Child was reaped by wait4; forget it so its Drop does nothing.
     std::mem::forget(child);
     let s = Sample {
@@ -100,13 +124,15 @@ fn measure(tool: &str, mode: &str, mut cmd: Command, log: &Path) -> Result<Sampl
         wall,
         cpu,
         max_rss_mib: rss as f64 / 1024.0,
+        other_cpu,
         ok,
     };
     eprintln!(
-        "bench: {tool:<12} {mode:<5} {:>7.2}s wall {:>7.2}s cpu {:>6.0} MiB{}",
+        "bench: {tool:<13} {mode:<5} {:>7.2}s wall {:>7.2}s cpu {:>6.0} MiB  other load {:.2}{}",
         s.wall,
         s.cpu,
         s.max_rss_mib,
+        s.other_cpu,
         if ok {
             String::new()
         } else {
@@ -119,7 +145,7 @@ fn measure(tool: &str, mode: &str, mut cmd: Command, log: &Path) -> Result<Sampl
 fn command(spec: &BenchSpec, tool: &str, cache: &Path, root: &Path, warm: bool) -> Option<Command> {
     let v = spec.variant.as_str();
     match tool {
-        "ours" => {
+        "ours" | "ours-foreign" => {
             let mut c = Command::new(&spec.ours);
             c.args([
                 "bootstrap",
@@ -128,12 +154,15 @@ fn command(spec: &BenchSpec, tool: &str, cache: &Path, root: &Path, warm: bool) 
                 &spec.suite,
                 "--variant",
                 v,
-            ])
-            .arg("--mirror")
-            .arg(&spec.mirror)
-            .arg("--cache-dir")
-            .arg(cache)
-            .arg(root);
+            ]);
+            if tool == "ours-foreign" {
+                c.arg("--foreign");
+            }
+            c.arg("--mirror")
+                .arg(&spec.mirror)
+                .arg("--cache-dir")
+                .arg(cache)
+                .arg(root);
             Some(c)
         }
         "debootstrap" => {
@@ -168,7 +197,7 @@ fn command(spec: &BenchSpec, tool: &str, cache: &Path, root: &Path, warm: bool) 
 }
 
 fn have(tool: &str) -> bool {
-    tool == "ours"
+    tool.starts_with("ours")
         || std::env::var_os("PATH").is_some_and(|p| {
             std::env::split_paths(&p).any(|d| d.join(tool).is_file())
                 || Path::new("/usr/sbin").join(tool).is_file()
@@ -238,7 +267,7 @@ fn median(samples: &[Sample], tool: &str, mode: &str) -> Option<f64> {
 /// A Markdown table: best and median wall, CPU, peak RSS and ours/theirs ratios.
 pub fn table(samples: &[Sample], tools: &[String]) -> String {
     let mut out = String::from(
-        "| tool | mode | wall best s | wall median s | user+sys s | peak RSS MiB | ours / this (wall) |\n|---|---|---|---|---|---|---|\n",
+        "| tool | mode | wall best s | wall median s | user+sys s | peak RSS MiB | other load (cores) | ours / this (wall) |\n|---|---|---|---|---|---|---|---|\n",
     );
     for mode in ["cold", "warm"] {
         let ours = best(samples, "ours", mode);
@@ -251,11 +280,12 @@ pub fn table(samples: &[Sample], tools: &[String]) -> String {
                 .map(|o| format!("{:.2}×", o.wall / b.wall))
                 .unwrap_or_else(|| "–".into());
             out.push_str(&format!(
-                "| {tool} | {mode} | {:.2} | {:.2} | {:.2} | {:.0} | {ratio} |\n",
+                "| {tool} | {mode} | {:.2} | {:.2} | {:.2} | {:.0} | {:.2} | {ratio} |\n",
                 b.wall,
                 median(samples, tool, mode).unwrap_or(b.wall),
                 b.cpu,
-                b.max_rss_mib
+                b.max_rss_mib,
+                b.other_cpu
             ));
         }
     }
@@ -291,5 +321,88 @@ impl TmpfsGuard {
 impl Drop for TmpfsGuard {
     fn drop(&mut self) {
         let _ = nix::mount::umount2(&self.path, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(tool: &str, mode: &str, wall: f64, ok: bool) -> Sample {
+        Sample {
+            tool: tool.into(),
+            mode: mode.into(),
+            wall,
+            cpu: wall / 2.0,
+            max_rss_mib: 30.0,
+            other_cpu: 0.1,
+            ok,
+        }
+    }
+
+    #[test]
+    fn table_uses_best_successful_runs_and_ratios() {
+        let samples = vec![
+            s("ours", "warm", 3.0, true),
+            s("ours", "warm", 2.0, true),
+            s("mmdebstrap", "warm", 8.0, true),
+            s("mmdebstrap", "warm", 1.0, false), // failed runs never count
+            s("debootstrap", "cold", 20.0, true),
+        ];
+        let t = table(
+            &samples,
+            &["ours".into(), "mmdebstrap".into(), "debootstrap".into()],
+        );
+        assert!(t.contains("| ours | warm | 2.00 | 3.00 |"), "{t}");
+        assert!(
+            t.contains("| mmdebstrap | warm | 8.00 | 8.00 | 4.00 | 30 | 0.10 | 0.25× |"),
+            "{t}"
+        );
+        // No cold run of ours: no ratio.
+        assert!(
+            t.contains("| debootstrap | cold | 20.00 | 20.00 | 10.00 | 30 | 0.10 | – |"),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn commands_per_tool() {
+        let spec = BenchSpec {
+            suite: "bookworm".into(),
+            variant: "default".into(),
+            mirror: "http://mirror.example/debian".into(),
+            warm_runs: 1,
+            scratch: "/tmp/x".into(),
+            ours: "/bin/ours".into(),
+            tools: vec![],
+        };
+        let dbg = |c: Command| format!("{c:?}");
+        let mm = dbg(command(&spec, "mmdebstrap", Path::new("/c"), Path::new("/r"), true).unwrap());
+        assert!(
+            mm.contains("--variant=debootstrap") && mm.contains("sync-in /c"),
+            "{mm}"
+        );
+        let db = dbg(command(
+            &spec,
+            "debootstrap",
+            Path::new("/c"),
+            Path::new("/r"),
+            false,
+        )
+        .unwrap());
+        assert!(
+            !db.contains("--variant") && db.contains("--cache-dir=/c"),
+            "{db}"
+        );
+        let of = dbg(command(
+            &spec,
+            "ours-foreign",
+            Path::new("/c"),
+            Path::new("/r"),
+            false,
+        )
+        .unwrap());
+        assert!(of.contains("--foreign"), "{of}");
+        assert!(command(&spec, "nosuchtool", Path::new("/c"), Path::new("/r"), false).is_none());
     }
 }
