@@ -7,6 +7,7 @@
 //! Skips with a reason when systemd-nspawn is missing (`apt-get install
 //! systemd-container`) or the host has no reachable http mirror.
 
+use nspawn::testkit::scratch::{host_mirror, Scratch};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Mutex;
@@ -21,41 +22,6 @@ const BASE: u32 = 6_553_600;
 
 /// Boots one at a time: two vCPUs, and the timings are reported.
 static SERIAL: Mutex<()> = Mutex::new(());
-
-/// A scratch tmpfs, unmounted on drop.
-struct Scratch(tempfile::TempDir);
-
-impl Scratch {
-    fn new() -> Scratch {
-        let d = tempfile::Builder::new()
-            .prefix("machine-")
-            .tempdir_in("/var/tmp")
-            .unwrap();
-        let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "mode=0755", "tmpfs"])
-            .arg(d.path())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            eprintln!("note: no tmpfs for scratch, using the disk");
-        }
-        Scratch(d)
-    }
-    fn path(&self) -> &Path {
-        self.0.path()
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(self.0.path()).status();
-    }
-}
-
-fn mirror() -> Option<String> {
-    let host = nspawn::archive::sources::host_defaults()?;
-    host.mirror.starts_with("http").then_some(host.mirror)
-}
 
 fn bootstrap(mirror: &str, target: &Path, extra: &[&str]) -> Output {
     Command::new(HELPER)
@@ -118,11 +84,11 @@ fn boot_and_check(tag: &str, private_users: Option<u32>) {
         eprintln!("SKIP: systemd-nspawn not installed (apt-get install systemd-container)");
         return;
     }
-    let Some(mirror) = mirror() else {
+    let Some(mirror) = host_mirror() else {
         eprintln!("SKIP: no http(s) mirror in the host's APT sources");
         return;
     };
-    let scratch = Scratch::new();
+    let scratch = Scratch::new("machine-");
     let root: PathBuf = scratch.path().join(tag);
     let base_arg = private_users.map(|b| b.to_string());
     let mut extra = Vec::new();

@@ -3,6 +3,7 @@
 //! shifted id range — checked with the tree's own dpkg. Skips with a reason when
 //! there is no http mirror or it cannot be reached.
 
+use nspawn::testkit::scratch::{host_mirror, Scratch};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -13,41 +14,6 @@ static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// A cache that outlives the test keeps repeated runs fast and offline-capable.
 const CACHE: &str = "/var/tmp/packer-plugin-nspawn-test-cache";
-
-/// A scratch tmpfs (deleting trees on this disk is slow); unmounted on drop.
-struct Scratch(tempfile::TempDir);
-
-impl Scratch {
-    fn new() -> Scratch {
-        let d = tempfile::Builder::new()
-            .prefix("real-")
-            .tempdir_in("/var/tmp")
-            .unwrap();
-        let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "mode=0755", "tmpfs"])
-            .arg(d.path())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            eprintln!("note: no tmpfs for scratch, using the disk");
-        }
-        Scratch(d)
-    }
-    fn path(&self) -> &Path {
-        self.0.path()
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(self.0.path()).status();
-    }
-}
-
-fn mirror() -> Option<String> {
-    let host = nspawn::archive::sources::host_defaults()?;
-    host.mirror.starts_with("http").then_some(host.mirror)
-}
 
 fn bootstrap(mirror: &str, target: &Path, extra: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_packer-plugin-nspawn"))
@@ -102,11 +68,11 @@ fn dpkg_state(root: &Path) -> (Vec<String>, String) {
 #[test]
 fn bookworm_minbase_full_offline_and_private_users() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(mirror) = mirror() else {
+    let Some(mirror) = host_mirror() else {
         eprintln!("SKIP: no http(s) mirror in the host's APT sources");
         return;
     };
-    let scratch = Scratch::new();
+    let scratch = Scratch::new("real-");
 
     // 1. A full bootstrap: every package configured, dpkg finds nothing to complain about.
     let plain: PathBuf = scratch.path().join("plain");
@@ -234,11 +200,11 @@ fn wait_for_staging(dir: &Path, child: &mut std::process::Child) -> bool {
 #[test]
 fn interrupted_runs_leave_no_tree_and_touch_no_existing_one() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(mirror) = mirror() else {
+    let Some(mirror) = host_mirror() else {
         eprintln!("SKIP: no http(s) mirror in the host's APT sources");
         return;
     };
-    let scratch = Scratch::new();
+    let scratch = Scratch::new("real-");
     let target = scratch.path().join("m");
 
     // Ctrl-C (SIGINT) during the second stage: nothing at TARGET, no staging tree left,

@@ -24,6 +24,7 @@ use std::process::{Command, Output};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use nspawn::testkit::scratch::{host_mirror, Scratch};
 use sha2::{Digest, Sha256};
 
 /// Our package cache, shared with the other real-mirror tests.
@@ -37,42 +38,6 @@ const SHOW: usize = 50;
 
 /// The two builds of a variant take a CPU each on a shared 2-core machine: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
-
-/// A scratch tmpfs (deleting trees on this disk is slow); unmounted on drop.
-struct Scratch(tempfile::TempDir);
-
-impl Scratch {
-    fn new() -> Scratch {
-        let d = tempfile::Builder::new()
-            .prefix("parity-")
-            .tempdir_in("/var/tmp")
-            .unwrap();
-        let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "mode=0755,size=4g", "tmpfs"])
-            .arg(d.path())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            eprintln!("note: no tmpfs for scratch, using the disk");
-        }
-        Scratch(d)
-    }
-    fn path(&self) -> &Path {
-        self.0.path()
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        if std::env::var_os("NSPAWN_PARITY_KEEP").is_some() {
-            // For debugging: leave the tmpfs mounted (and the directory in place).
-            let d = std::mem::replace(&mut self.0, tempfile::tempdir().unwrap());
-            eprintln!("kept: {}", d.keep().display());
-            return;
-        }
-        let _ = Command::new("umount").arg("-l").arg(self.0.path()).status();
-    }
-}
 
 /// Why the test cannot run here, if it cannot.
 fn skip_reason(mirror: Option<&str>) -> Option<String> {
@@ -105,11 +70,6 @@ fn skip_reason(mirror: Option<&str>) -> Option<String> {
         return Some(format!("mirror {mirror} unreachable"));
     }
     None
-}
-
-fn host_mirror() -> Option<String> {
-    let host = nspawn::archive::sources::host_defaults()?;
-    host.mirror.starts_with("http://").then_some(host.mirror)
 }
 
 fn check(what: &str, out: &Output) {
@@ -540,7 +500,10 @@ fn parity(variant: &str) {
         return;
     }
     let mirror = mirror.unwrap();
-    let scratch = Scratch::new();
+    let mut scratch = Scratch::new("parity-");
+    if std::env::var_os("NSPAWN_PARITY_KEEP").is_some() {
+        scratch.keep();
+    }
     let ours_root: PathBuf = scratch.path().join(format!("ours-{variant}"));
     let theirs_root: PathBuf = scratch.path().join(format!("debootstrap-{variant}"));
 

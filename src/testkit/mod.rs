@@ -5,4 +5,5 @@
 pub mod deb;
 pub mod http;
 pub mod repo;
+pub mod scratch;
 pub mod signing;
