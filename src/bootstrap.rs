@@ -16,6 +16,7 @@ use crate::archive::client::{self, ArchiveError, SuiteRequest};
 use crate::archive::packages::PackageIndex;
 use crate::archive::sources;
 use crate::archive::verify::{Keyring, VerifyError};
+use crate::cache::{Key, Lookup, Mode as CacheMode, TreeCache};
 use crate::fetch::{self, DebItem, Expected, FetchError, FetchOptions, Fetcher, Progress};
 use crate::resolve::{self, Request, ResolveError, Variant};
 use crate::sandbox::{self, PrivateUsers, SandboxError, SandboxSpec};
@@ -59,6 +60,8 @@ pub enum BootstrapError {
     Unpack(#[from] unpack::UnpackError),
     #[error(transparent)]
     Dpkg(#[from] dpkg::DpkgError),
+    #[error(transparent)]
+    TreeCache(#[from] crate::cache::CacheError),
     #[error("second stage: {0}")]
     SecondStage(#[from] SandboxError),
     #[error("cannot start the async runtime: {0}")]
@@ -86,6 +89,10 @@ pub struct Options {
     pub foreign: bool,
     /// Build the tree owned by a shifted id range (`--private-users`).
     pub private_users: PrivateUsers,
+    /// How the base-tree cache is used.
+    pub cache: CacheMode,
+    /// Size limit of the base-tree cache in bytes (0 = none).
+    pub cache_limit: u64,
 }
 
 /// The settled inputs, after defaults were applied.
@@ -136,6 +143,7 @@ pub struct Timings {
     pub dpkg_db: f64,
     pub id_shift: f64,
     pub configure: f64,
+    pub cache_copy: f64,
     pub total: f64,
 }
 
@@ -518,6 +526,8 @@ pub struct Outcome {
     pub private_users_base: Option<u32>,
     /// Whether maintainer scripts ran (false with `foreign`).
     pub configured: bool,
+    /// What the base-tree cache did: `hit …`, `miss: … stored …`, `off`.
+    pub cache: String,
 }
 
 /// Runs the bootstrap into `target`.
@@ -534,13 +544,52 @@ pub fn bootstrap(opts: &Options, target: &Path) -> Result<Outcome, BootstrapErro
         path: cache.clone(),
         source,
     })?;
-    let (plan, items) = rt.block_on(async {
-        let settled = opts.settle()?;
+    let settled = opts.settle()?;
+    let (fetcher, plan) = rt.block_on(async {
         let fetcher = make_fetcher(opts, &settled).await?;
         let t0 = Instant::now();
         let plan = plan(opts, &fetcher).await?;
         t.resolve = t0.elapsed().as_secs_f64();
-        let items = deb_items(&plan, &cache);
+        Ok::<_, BootstrapError>((fetcher, plan))
+    })?;
+
+    // The base-tree cache: a tree built from exactly these inputs is copied, not rebuilt.
+    let userns = opts.private_users.resolve(&staging_target_hint(target));
+    if let Some(map) = &userns {
+        map.validate().map_err(|reason| BootstrapError::BadOption {
+            option: "private-users",
+            reason,
+        })?;
+    }
+    let tree_cache = TreeCache::new(&cache, opts.cache_limit);
+    let key = cache_key(opts, &plan, userns.map(|m| m.host_base));
+    let mut cache_note = None;
+    if opts.cache == CacheMode::Auto {
+        let staging = Staging::new(target, opts.force)?;
+        let _ = std::fs::remove_dir(staging.path());
+        let t1 = Instant::now();
+        match tree_cache.restore(&key, staging.path())? {
+            Lookup::Hit(entry) => {
+                t.cache_copy = t1.elapsed().as_secs_f64();
+                personalize(staging.path(), target)?;
+                let target = staging.commit()?;
+                t.total = started.elapsed().as_secs_f64();
+                return Ok(Outcome {
+                    target,
+                    packages: plan.packages.len(),
+                    timings: t,
+                    warnings: plan.warnings,
+                    private_users_base: userns.map(|m| m.host_base),
+                    configured: !opts.foreign,
+                    cache: format!("hit {}", &entry.manifest.digest[..12]),
+                });
+            }
+            Lookup::Miss(reason) => cache_note = Some(format!("miss: {reason}")),
+        }
+    }
+
+    let items = deb_items(&plan, &cache);
+    rt.block_on(async {
         let total: u64 = items.iter().map(|i| i.expected.size).sum();
         let progress = Progress::new(items.len() as u64, total);
         let reporter = progress.report("download", opts.quiet);
@@ -552,7 +601,7 @@ pub fn bootstrap(opts: &Options, target: &Path) -> Result<Outcome, BootstrapErro
         t.download_bytes = report.downloaded_bytes;
         t.cached_packages = report.cached;
         t.downloaded_packages = report.downloaded;
-        Ok::<_, BootstrapError>((plan, items))
+        Ok::<_, BootstrapError>(())
     })?;
     drop(rt);
 
@@ -623,13 +672,6 @@ pub fn bootstrap(opts: &Options, target: &Path) -> Result<Outcome, BootstrapErro
     )?;
     t.dpkg_db = t3.elapsed().as_secs_f64();
 
-    let userns = opts.private_users.resolve(&staging_target_hint(target));
-    if let Some(map) = &userns {
-        map.validate().map_err(|reason| BootstrapError::BadOption {
-            option: "private-users",
-            reason,
-        })?;
-    }
     if let Some(map) = &userns {
         let t4 = Instant::now();
         sandbox::shift_tree(staging.path(), map)?;
@@ -666,6 +708,26 @@ pub fn bootstrap(opts: &Options, target: &Path) -> Result<Outcome, BootstrapErro
         t.configure = t5.elapsed().as_secs_f64();
     }
 
+    let cache_result = if opts.cache == CacheMode::Off {
+        "off".to_string()
+    } else {
+        let t6 = Instant::now();
+        let stored = tree_cache.store(&key, staging.path(), opts.cache == CacheMode::Refresh);
+        t.cache_copy = t6.elapsed().as_secs_f64();
+        match stored {
+            Ok(e) => format!(
+                "{}stored {}",
+                cache_note.map(|n| format!("{n}; ")).unwrap_or_default(),
+                &e.manifest.digest[..12]
+            ),
+            // A full disk or similar must not fail a finished build.
+            Err(e) => {
+                tracing::warn!("{e}");
+                format!("not stored: {e}")
+            }
+        }
+    };
+
     let target = staging.commit()?;
     t.total = started.elapsed().as_secs_f64();
     Ok(Outcome {
@@ -675,7 +737,92 @@ pub fn bootstrap(opts: &Options, target: &Path) -> Result<Outcome, BootstrapErro
         warnings: plan.warnings,
         private_users_base: userns.map(|m| m.host_base),
         configured: !opts.foreign,
+        cache: cache_result,
     })
+}
+
+/// Everything that decides a bootstrapped tree's content.
+pub fn cache_key(opts: &Options, plan: &Plan, private_users: Option<u32>) -> Key {
+    let mut k = Key::default();
+    let i = &plan.inputs;
+    let sorted = |v: &[String]| {
+        let mut v = v.to_vec();
+        v.sort();
+        v.join(",")
+    };
+    for (name, value) in [
+        ("release", plan.release_sha256.clone()),
+        ("mirror", i.mirror.clone()),
+        ("suite", i.suite.clone()),
+        ("components", i.components.join(",")),
+        ("arch", i.arch.clone()),
+        ("variant", opts.variant.to_string()),
+        ("include", sorted(&opts.include)),
+        ("exclude", sorted(&opts.exclude)),
+        ("foreign", opts.foreign.to_string()),
+        (
+            "private_users",
+            private_users.map_or("no".into(), |b| b.to_string()),
+        ),
+        ("builder", env!("CARGO_PKG_VERSION").to_string()),
+    ] {
+        k.inputs.insert(name.into(), value);
+    }
+    k.packages = plan
+        .packages
+        .iter()
+        .map(|c| format!("{} {} {}", c.package, c.version, c.sha256))
+        .collect();
+    k.packages.sort();
+    k
+}
+
+/// Gives a tree copied from the cache this machine's identity: `/etc/hostname` and
+/// the machine's line in `/etc/hosts` (files are rewritten in place, keeping owner
+/// and mode, which matters in shifted trees).
+fn personalize(root: &Path, target: &Path) -> Result<(), BootstrapError> {
+    let name = hostname_for(target);
+    let rewrite = |rel: &str, f: &dyn Fn(&str) -> String| -> Result<(), BootstrapError> {
+        let path = root.join(rel);
+        let err = |source| BootstrapError::Target {
+            path: path.clone(),
+            source,
+        };
+        match std::fs::symlink_metadata(&path) {
+            Ok(md) if md.is_file() => {
+                let old = std::fs::read_to_string(&path).map_err(err)?;
+                let new = f(&old);
+                if new != old {
+                    use std::io::Write;
+                    use std::os::unix::fs::OpenOptionsExt;
+                    let mut file = std::fs::OpenOptions::new()
+                        .write(true)
+                        .truncate(true)
+                        .custom_flags(libc::O_NOFOLLOW)
+                        .open(&path)
+                        .map_err(err)?;
+                    file.write_all(new.as_bytes()).map_err(err)?;
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    };
+    rewrite("etc/hostname", &|_| format!("{name}\n"))?;
+    rewrite("etc/hosts", &|old| {
+        old.lines()
+            .map(|l| {
+                if l.starts_with("127.0.1.1") {
+                    format!("127.0.1.1\t{name}")
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+            + "\n"
+    })?;
+    Ok(())
 }
 
 /// The files debootstrap writes itself, adapted for machine images:

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use nspawn::bootstrap::{self, Options};
+use nspawn::cache::{Mode as CacheMode, TreeCache};
 use nspawn::resolve::Variant;
 use nspawn::sandbox::PrivateUsers;
 
@@ -30,6 +31,14 @@ enum Command {
     Bootstrap(BootstrapArgs),
     /// Compare our bootstrap with debootstrap and mmdebstrap, cold and warm.
     Bench(BenchArgs),
+    /// List or prune the base-tree cache.
+    Cache {
+        #[command(subcommand)]
+        action: CacheAction,
+        /// The cache directory (as given to bootstrap).
+        #[arg(long, global = true, default_value = "/var/cache/apt/archives")]
+        cache_dir: PathBuf,
+    },
     /// Install this binary where Packer finds it (both layouts unless one is chosen).
     Install {
         /// Only `~/.packer.d/plugins/packer-builder-nspawn` (Packer 1.6.6 ... 1.10).
@@ -41,12 +50,89 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum CacheAction {
+    /// One line per cached tree: digest, size, last use, suite/variant/arch.
+    List,
+    /// Remove least recently used trees until at most SIZE remain (0 = all).
+    Prune {
+        #[arg(long, default_value = "0", value_parser = |s: &str| nspawn::cache::parse_size(s).map_err(|e| e.to_string()))]
+        max_size: u64,
+    },
+}
+
+fn run_cache(action: CacheAction, cache_dir: PathBuf) -> anyhow::Result<()> {
+    let c = TreeCache::new(&cache_dir, 0);
+    match action {
+        CacheAction::List => {
+            let entries = c.entries();
+            let mut total = 0u64;
+            for e in &entries {
+                let m = &e.manifest;
+                let k = &m.key.inputs;
+                let get = |n: &str| k.get(n).map(String::as_str).unwrap_or("?");
+                total += m.bytes;
+                println!(
+                    "{}  {:>8.1} MiB  {:>6} entries  used {}  {} {} {}{}{}",
+                    &m.digest[..12],
+                    m.bytes as f64 / 1048576.0,
+                    m.entries,
+                    nspawn::archive::release::format_rfc2822(
+                        std::time::UNIX_EPOCH + std::time::Duration::from_secs(m.last_used)
+                    ),
+                    get("suite"),
+                    get("variant"),
+                    get("arch"),
+                    if get("include").is_empty() {
+                        String::new()
+                    } else {
+                        format!(" +{}", get("include"))
+                    },
+                    if get("private_users") == "no" {
+                        String::new()
+                    } else {
+                        format!(" userns {}", get("private_users"))
+                    },
+                );
+            }
+            println!(
+                "{} trees, {:.1} MiB in {}",
+                entries.len(),
+                total as f64 / 1048576.0,
+                c.root().display()
+            );
+        }
+        CacheAction::Prune { max_size } => {
+            let removed = c.prune_to(max_size, None)?;
+            for e in &removed {
+                println!(
+                    "removed {} ({:.1} MiB)",
+                    &e.manifest.digest[..12],
+                    e.manifest.bytes as f64 / 1048576.0
+                );
+            }
+            println!("{} trees removed", removed.len());
+        }
+    }
+    Ok(())
+}
+
 /// Whether `first` (argv[1]) names one of our own commands rather than a Packer
 /// plugin invocation (`describe`, `start`, or none at all for Packer 1.6.6).
 pub fn is_cli_command(first: Option<&str>) -> bool {
     matches!(
         first,
-        Some("bootstrap" | "bench" | "install" | "help" | "--help" | "-h" | "--version" | "-V")
+        Some(
+            "bootstrap"
+                | "bench"
+                | "cache"
+                | "install"
+                | "help"
+                | "--help"
+                | "-h"
+                | "--version"
+                | "-V"
+        )
     )
 }
 
@@ -152,6 +238,13 @@ struct BootstrapArgs {
     /// Stop after unpacking (no maintainer scripts), like debootstrap --foreign.
     #[arg(long)]
     foreign: bool,
+    /// Base-tree cache: `auto` (use a tree built from the same inputs, else build and
+    /// store), `refresh` (build and replace) or `off`.
+    #[arg(long, default_value = "auto", value_parser = |s: &str| s.parse::<CacheMode>().map_err(|e| e.to_string()))]
+    cache: CacheMode,
+    /// Size limit of the base-tree cache (`500M`, `20G`; 0 = none); least recently used trees go first.
+    #[arg(long, default_value = "20G", value_parser = |s: &str| nspawn::cache::parse_size(s).map_err(|e| e.to_string()))]
+    cache_limit: u64,
     /// Build the tree for a user namespace: `no`, `pick` or a base uid (multiple of 65536).
     #[arg(long, default_value = "no", value_parser = |s: &str| PrivateUsers::parse(s))]
     private_users: PrivateUsers,
@@ -198,6 +291,8 @@ fn run_bootstrap(a: BootstrapArgs) -> anyhow::Result<()> {
         quiet: a.quiet,
         foreign: a.foreign,
         private_users: a.private_users,
+        cache: a.cache,
+        cache_limit: a.cache_limit,
     };
     install_interrupt_cleanup();
     if opts.offline {
@@ -235,6 +330,7 @@ fn run_bootstrap(a: BootstrapArgs) -> anyhow::Result<()> {
         t.id_shift,
         t.configure
     );
+    eprintln!("I: base-tree cache: {} ({:.2}s)", out.cache, t.cache_copy);
     if let Some(b) = out.private_users_base {
         eprintln!("I: the tree is owned by ids {b}..{}; boot it with systemd-nspawn --private-users={b}:65536 --private-users-ownership=off", b as u64 + 65535);
     }
@@ -302,6 +398,7 @@ pub fn main() -> ExitCode {
         Command::Bootstrap(a) => run_bootstrap(a),
         Command::Bench(a) => run_bench(a),
         Command::Install { legacy, modern } => run_install(legacy, modern),
+        Command::Cache { action, cache_dir } => run_cache(action, cache_dir),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -46,6 +46,8 @@ fn opts(e: &Env, mirror: &str) -> Options {
         arch: Some("amd64".into()),
         // The sample archive's packages are stand-ins without a real dpkg: stop after unpack.
         foreign: true,
+        // These tests are about the bootstrap itself; the tree cache has its own tests.
+        cache: nspawn::cache::Mode::Off,
         ..Default::default()
     }
 }

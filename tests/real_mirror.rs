@@ -20,6 +20,8 @@ fn bootstrap(mirror: &str, target: &Path, extra: &[&str]) -> Output {
         .args([
             "bootstrap",
             "--quiet",
+            "--cache",
+            "off",
             "--suite",
             "bookworm",
             "--variant",
@@ -166,6 +168,8 @@ fn spawn_bootstrap(mirror: &str, target: &Path) -> std::process::Child {
         .args([
             "bootstrap",
             "--quiet",
+            "--cache",
+            "off",
             "--suite",
             "bookworm",
             "--variant",
@@ -247,6 +251,8 @@ fn interrupted_runs_leave_no_tree_and_touch_no_existing_one() {
         .args([
             "bootstrap",
             "--quiet",
+            "--cache",
+            "off",
             "--force",
             "--suite",
             "bookworm",

@@ -90,7 +90,15 @@ fn tail(s: &str, n: usize) -> String {
 fn build_ours(mirror: &str, variant: &str, target: &Path) -> Duration {
     let t = Instant::now();
     let out = Command::new(env!("CARGO_BIN_EXE_packer-plugin-nspawn"))
-        .args(["bootstrap", "--quiet", "--suite", "bookworm", "--variant"])
+        .args([
+            "bootstrap",
+            "--quiet",
+            "--cache",
+            "off",
+            "--suite",
+            "bookworm",
+            "--variant",
+        ])
         .arg(variant)
         .arg("--mirror")
         .arg(mirror)
