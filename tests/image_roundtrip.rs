@@ -520,3 +520,136 @@ fn raw_ext4_image_is_imported() {
     assert_same_tree(&src, &dest);
     assert!(leftovers(t.path()).is_empty(), "{:?}", leftovers(t.path()));
 }
+
+/// A GUID in GPT's on-disk byte order (first three fields little-endian).
+fn guid_bytes(s: &str) -> [u8; 16] {
+    let hex: String = s.chars().filter(|c| *c != '-').collect();
+    let b: Vec<u8> = (0..16)
+        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
+        .collect();
+    let mut out = [0u8; 16];
+    out[..4].copy_from_slice(&[b[3], b[2], b[1], b[0]]);
+    out[4..6].copy_from_slice(&[b[5], b[4]]);
+    out[6..8].copy_from_slice(&[b[7], b[6]]);
+    out[8..].copy_from_slice(&b[8..]);
+    out
+}
+
+fn crc32(data: &[u8]) -> u32 {
+    let mut c = flate2::Crc::new();
+    c.update(data);
+    c.sum()
+}
+
+/// Writes a protective MBR and a primary GPT with one partition of `type_guid` covering
+/// sectors `first..=last` into the first 34 sectors of `img` (`total` sectors).
+fn write_gpt(img: &Path, total: u64, first: u64, last: u64, type_guid: &str) {
+    use std::io::{Seek, SeekFrom, Write};
+    let mut head = vec![0u8; 34 * 512];
+    // Protective MBR.
+    let p = &mut head[446..462];
+    p[1..4].copy_from_slice(&[0, 2, 0]);
+    p[4] = 0xee;
+    p[5..8].copy_from_slice(&[0xff, 0xff, 0xff]);
+    p[8..12].copy_from_slice(&1u32.to_le_bytes());
+    p[12..16].copy_from_slice(&((total - 1).min(u32::MAX as u64) as u32).to_le_bytes());
+    head[510] = 0x55;
+    head[511] = 0xaa;
+    // Partition entries at LBA 2.
+    let mut entries = vec![0u8; 128 * 128];
+    entries[..16].copy_from_slice(&guid_bytes(type_guid));
+    entries[16..32].copy_from_slice(&guid_bytes("6b1ad0c3-8c9e-4f4e-9d38-7a0c2b0e5a11"));
+    entries[32..40].copy_from_slice(&first.to_le_bytes());
+    entries[40..48].copy_from_slice(&last.to_le_bytes());
+    for (i, u) in "root".encode_utf16().enumerate() {
+        entries[56 + 2 * i..58 + 2 * i].copy_from_slice(&u.to_le_bytes());
+    }
+    // Header at LBA 1.
+    let h = &mut head[512..512 + 92];
+    h[..8].copy_from_slice(b"EFI PART");
+    h[8..12].copy_from_slice(&0x0001_0000u32.to_le_bytes());
+    h[12..16].copy_from_slice(&92u32.to_le_bytes());
+    h[24..32].copy_from_slice(&1u64.to_le_bytes());
+    h[32..40].copy_from_slice(&(total - 1).to_le_bytes());
+    h[40..48].copy_from_slice(&34u64.to_le_bytes());
+    h[48..56].copy_from_slice(&(total - 34).to_le_bytes());
+    h[56..72].copy_from_slice(&guid_bytes("0f4b3a52-2d7e-4c55-8a63-1d2e3f405162"));
+    h[72..80].copy_from_slice(&2u64.to_le_bytes());
+    h[80..84].copy_from_slice(&128u32.to_le_bytes());
+    h[84..88].copy_from_slice(&128u32.to_le_bytes());
+    h[88..92].copy_from_slice(&crc32(&entries).to_le_bytes());
+    let crc = crc32(h);
+    h[16..20].copy_from_slice(&crc.to_le_bytes());
+    head[1024..1024 + entries.len()].copy_from_slice(&entries);
+    let mut f = std::fs::OpenOptions::new().write(true).open(img).unwrap();
+    f.seek(SeekFrom::Start(0)).unwrap();
+    f.write_all(&head).unwrap();
+}
+
+#[test]
+fn raw_gpt_disk_with_root_partition_is_imported() {
+    if !is_root() {
+        eprintln!("SKIP: raw import needs root (loop devices, mount)");
+        return;
+    }
+    let mkfs = ["/usr/sbin/mkfs.ext4", "/sbin/mkfs.ext4"]
+        .into_iter()
+        .find(|p| Path::new(p).exists());
+    let Some(mkfs) = mkfs else {
+        eprintln!("SKIP: mkfs.ext4 (e2fsprogs) is not installed");
+        return;
+    };
+    let t = scratch();
+    let src = t.path().join("src");
+    sample_tree(&src);
+    let img = t.path().join("disk.raw");
+    let total: u64 = 24 * 2048; // 24 MiB of 512-byte sectors
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(total * 512)
+        .unwrap();
+    // The filesystem: 16 MiB at 1 MiB.
+    let out = std::process::Command::new(mkfs)
+        .args([
+            "-q",
+            "-F",
+            "-t",
+            "ext4",
+            "-O",
+            "^has_journal",
+            "-E",
+            "offset=1048576",
+            "-d",
+        ])
+        .arg(&src)
+        .arg(&img)
+        .arg("16M")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "mkfs.ext4: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // x86-64 root partition type.
+    write_gpt(
+        &img,
+        total,
+        2048,
+        2048 + 16 * 2048 - 1,
+        "4f68bce3-e8cd-4db1-96e7-fbcaf984b709",
+    );
+    let dest = t.path().join("dest");
+    match image::import(img.to_str().unwrap(), &dest, &no_progress) {
+        Ok(r) => assert_eq!(r.format, ImportFormat::Raw),
+        Err(e @ ImageError::Raw { .. }) => {
+            eprintln!("SKIP: raw import cannot work on this host: {e}");
+            assert!(!dest.exists());
+            return;
+        }
+        Err(e) => panic!("{e}"),
+    }
+    std::fs::remove_dir(dest.join("lost+found")).unwrap();
+    assert_same_tree(&src, &dest);
+    assert!(leftovers(t.path()).is_empty(), "{:?}", leftovers(t.path()));
+}
