@@ -56,14 +56,14 @@ pub enum ImageError {
     Extract {
         file: String,
         #[source]
-        source: UnpackError,
+        source: Box<UnpackError>,
     },
     /// Downloading `url` failed.
     #[error("download {url}: {source}")]
     Fetch {
         url: String,
         #[source]
-        source: FetchError,
+        source: Box<FetchError>,
     },
     /// The published SHA256 of `url` does not match the download.
     #[error("download {url}: SHA256 mismatch (published {expected} in {sums_url}, got {actual})")]
@@ -78,7 +78,7 @@ pub enum ImageError {
     Staging {
         path: PathBuf,
         #[source]
-        source: BootstrapError,
+        source: Box<BootstrapError>,
     },
     /// A raw disk image cannot be attached, mounted or read.
     #[error("raw image {}: {msg}", path.display())]
@@ -243,7 +243,7 @@ pub(crate) fn new_staging(dest: &Path) -> Result<Staging, ImageError> {
     check_dest(dest)?;
     Staging::new(dest, false).map_err(|source| ImageError::Staging {
         path: dest.to_path_buf(),
-        source,
+        source: Box::new(source),
     })
 }
 
@@ -252,7 +252,7 @@ pub(crate) fn commit(staging: Staging, dest: &Path) -> Result<PathBuf, ImageErro
     check_dest(dest)?;
     staging.commit().map_err(|source| ImageError::Staging {
         path: dest.to_path_buf(),
-        source,
+        source: Box::new(source),
     })
 }
 
@@ -411,7 +411,7 @@ fn unpack_err(file: &str, e: UnpackError) -> ImageError {
         },
         other => ImageError::Extract {
             file: file.to_string(),
-            source: other,
+            source: Box::new(other),
         },
     }
 }
@@ -466,7 +466,7 @@ fn download_temp_name(dest: &Path) -> PathBuf {
 fn download(url: &str, to: &Path) -> Result<(u64, bool), ImageError> {
     let fetch_err = |source| ImageError::Fetch {
         url: url.to_string(),
-        source,
+        source: Box::new(source),
     };
     // Our own runtime on our own thread: callers may be inside a tokio runtime.
     let (body, sums) = std::thread::scope(|s| {
