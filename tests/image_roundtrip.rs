@@ -653,3 +653,43 @@ fn raw_gpt_disk_with_root_partition_is_imported() {
     assert_same_tree(&src, &dest);
     assert!(leftovers(t.path()).is_empty(), "{:?}", leftovers(t.path()));
 }
+
+#[test]
+fn export_is_reproducible() {
+    let t = scratch();
+    let src = t.path().join("src");
+    std::fs::create_dir_all(src.join("usr/share/b")).unwrap();
+    for n in ["z", "a", "m"] {
+        std::fs::write(src.join("usr/share").join(n), n.repeat(1000)).unwrap();
+    }
+    for suffix in ["tar", "tar.zst", "tar.xz", "tar.gz"] {
+        let a = t.path().join(format!("a.{suffix}"));
+        let b = t.path().join(format!("b.{suffix}"));
+        image::export(&src, &a, &no_progress).unwrap();
+        image::export(&src, &b, &no_progress).unwrap();
+        assert_eq!(
+            std::fs::read(&a).unwrap(),
+            std::fs::read(&b).unwrap(),
+            "{suffix}"
+        );
+    }
+    // Sorted by name.
+    let mut ar = tar::Archive::new(std::fs::File::open(t.path().join("a.tar")).unwrap());
+    let names: Vec<String> = ar
+        .entries()
+        .unwrap()
+        .map(|e| e.unwrap().path().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "./",
+            "usr",
+            "usr/share",
+            "usr/share/a",
+            "usr/share/b",
+            "usr/share/m",
+            "usr/share/z"
+        ]
+    );
+}

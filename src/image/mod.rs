@@ -58,8 +58,8 @@ pub enum ImageError {
         #[source]
         source: Box<UnpackError>,
     },
-    /// Downloading `url` failed.
-    #[error("download {url}: {source}")]
+    /// Downloading `url` failed (the fetch error names the URL too).
+    #[error("download: {source}")]
     Fetch {
         url: String,
         #[source]
