@@ -56,14 +56,14 @@ pub enum ImageError {
     Extract {
         file: String,
         #[source]
-        source: UnpackError,
+        source: Box<UnpackError>,
     },
-    /// Downloading `url` failed.
-    #[error("download {url}: {source}")]
+    /// Downloading `url` failed (the fetch error names the URL too).
+    #[error("download: {source}")]
     Fetch {
         url: String,
         #[source]
-        source: FetchError,
+        source: Box<FetchError>,
     },
     /// The published SHA256 of `url` does not match the download.
     #[error("download {url}: SHA256 mismatch (published {expected} in {sums_url}, got {actual})")]
@@ -78,7 +78,7 @@ pub enum ImageError {
     Staging {
         path: PathBuf,
         #[source]
-        source: BootstrapError,
+        source: Box<BootstrapError>,
     },
     /// A raw disk image cannot be attached, mounted or read.
     #[error("raw image {}: {msg}", path.display())]
@@ -243,7 +243,7 @@ pub(crate) fn new_staging(dest: &Path) -> Result<Staging, ImageError> {
     check_dest(dest)?;
     Staging::new(dest, false).map_err(|source| ImageError::Staging {
         path: dest.to_path_buf(),
-        source,
+        source: Box::new(source),
     })
 }
 
@@ -252,7 +252,7 @@ pub(crate) fn commit(staging: Staging, dest: &Path) -> Result<PathBuf, ImageErro
     check_dest(dest)?;
     staging.commit().map_err(|source| ImageError::Staging {
         path: dest.to_path_buf(),
-        source,
+        source: Box::new(source),
     })
 }
 
@@ -320,11 +320,14 @@ pub fn import(
         }
         _ => {
             let staging = new_staging(dest)?;
-            let (read, written) =
+            let (read, written, root) =
                 extract_tarball(&local, source, format, staging.path(), progress)?;
             report.bytes_read = read;
             report.bytes_written = written;
             report.unwrapped = unwrap_single_top(staging.path())?;
+            if let (None, Some(m)) = (&report.unwrapped, root) {
+                apply_root_meta(staging.path(), m)?;
+            }
             commit(staging, dest)?;
         }
     }
@@ -357,7 +360,7 @@ fn extract_tarball(
     format: ImportFormat,
     into: &Path,
     progress: &dyn Fn(u64),
-) -> Result<(u64, u64), ImageError> {
+) -> Result<(u64, u64, Option<RootMeta>), ImageError> {
     let file = std::fs::File::open(local).map_err(io_err(local, "open"))?;
     let mut counting = Counting {
         inner: io::BufReader::with_capacity(256 * 1024, file),
@@ -379,12 +382,68 @@ fn extract_tarball(
         ImportFormat::TarGz => Box::new(flate2::read::MultiGzDecoder::new(&mut counting)),
         ImportFormat::Raw | ImportFormat::Dir => unreachable!("not a tarball"),
     };
+    let mut head = Head {
+        inner: &mut reader,
+        buf: Vec::with_capacity(512),
+    };
     let written =
-        crate::unpack::extract_tar(into, local, &mut reader).map_err(|e| unpack_err(label, e))?;
+        crate::unpack::extract_tar(into, local, &mut head).map_err(|e| unpack_err(label, e))?;
+    let root = root_meta(&head.buf);
     // The end-of-archive marker may come before a truncated or corrupt compressed stream ends.
     io::copy(&mut reader, &mut io::sink()).map_err(read_err)?;
     drop(reader);
-    Ok((counting.n, written))
+    Ok((counting.n, written, root))
+}
+
+/// A reader keeping a copy of the first 512 bytes (the first tar header).
+struct Head<R> {
+    inner: R,
+    buf: Vec<u8>,
+}
+
+impl<R: Read> Read for Head<R> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        let k = self.inner.read(out)?;
+        let want = (512 - self.buf.len()).min(k);
+        self.buf.extend_from_slice(&out[..want]);
+        Ok(k)
+    }
+}
+
+/// Owner, mode and mtime of the tree's root.
+#[derive(Debug, Clone, Copy)]
+struct RootMeta {
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    mtime: i64,
+}
+
+/// The metadata of a leading `./` directory entry (the extractor leaves the root alone).
+fn root_meta(first: &[u8]) -> Option<RootMeta> {
+    if first.len() < 512 {
+        return None;
+    }
+    let h = tar::Header::from_byte_slice(&first[..512]);
+    let path = h.path_bytes();
+    if h.entry_type() != tar::EntryType::Directory || !matches!(&*path, b"./" | b".") {
+        return None;
+    }
+    Some(RootMeta {
+        mode: h.mode().ok()? & 0o7777,
+        uid: h.uid().ok()? as u32,
+        gid: h.gid().ok()? as u32,
+        mtime: h.mtime().ok()? as i64,
+    })
+}
+
+fn apply_root_meta(root: &Path, m: RootMeta) -> Result<(), ImageError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::os::unix::fs::chown(root, Some(m.uid), Some(m.gid)).map_err(io_err(root, "chown"))?;
+    std::fs::set_permissions(root, std::fs::Permissions::from_mode(m.mode))
+        .map_err(io_err(root, "chmod"))?;
+    filetime::set_file_mtime(root, filetime::FileTime::from_unix_time(m.mtime, 0))
+        .map_err(io_err(root, "set mtime"))
 }
 
 fn unpack_err(file: &str, e: UnpackError) -> ImageError {
@@ -411,7 +470,7 @@ fn unpack_err(file: &str, e: UnpackError) -> ImageError {
         },
         other => ImageError::Extract {
             file: file.to_string(),
-            source: other,
+            source: Box::new(other),
         },
     }
 }
@@ -466,7 +525,7 @@ fn download_temp_name(dest: &Path) -> PathBuf {
 fn download(url: &str, to: &Path) -> Result<(u64, bool), ImageError> {
     let fetch_err = |source| ImageError::Fetch {
         url: url.to_string(),
-        source,
+        source: Box::new(source),
     };
     // Our own runtime on our own thread: callers may be inside a tokio runtime.
     let (body, sums) = std::thread::scope(|s| {

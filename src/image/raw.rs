@@ -1,8 +1,10 @@
 //! Raw disk images, as `machinectl import-raw` takes them: a bare filesystem image (ext4,
 //! btrfs, xfs, ...) or a GPT disk with a root partition. The image is attached read-only to
-//! a loop device (the `losetup` binary), the filesystem mounted read-only in a private
+//! a loop device (the `losetup` binary; for a GPT disk, with the offset and size of the root
+//! partition, found by reading the GPT here), the filesystem mounted read-only in a private
 //! temporary directory, and the tree copied out with [`super::clone_tree`].
 
+use std::io::{self, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -50,7 +52,7 @@ fn run(image: &Path, cmd: &mut Command) -> Result<String, ImageError> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-/// A probe value of `dev` (`TYPE`, `PART_ENTRY_TYPE`), empty if unknown.
+/// A probe value of `dev` (`TYPE`), empty if unknown.
 fn probe(dev: &Path, tag: &str) -> String {
     Command::new("blkid")
         .args(["-p", "-o", "value", "-s", tag])
@@ -64,67 +66,103 @@ fn probe(dev: &Path, tag: &str) -> String {
         .unwrap_or_default()
 }
 
-/// The block device holding the root filesystem: the loop device itself, or one of its
-/// partitions (a device node is made in `scratch` when udev did not create one).
-fn root_device(image: &Path, loopdev: &str, scratch: &Path) -> Result<PathBuf, ImageError> {
-    let base = Path::new(loopdev)
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let sys = Path::new("/sys/class/block");
-    let mut parts: Vec<(String, String)> = std::fs::read_dir(sys.join(&base))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| {
-            let n = e.file_name().to_string_lossy().into_owned();
-            let dev = std::fs::read_to_string(e.path().join("dev")).ok()?;
-            n.starts_with(&format!("{base}p"))
-                .then(|| (n, dev.trim().to_string()))
-        })
-        .collect();
-    parts.sort();
-    if parts.is_empty() {
-        return Ok(PathBuf::from(loopdev));
+/// One GPT partition: type GUID (lower case), byte offset and length.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Partition {
+    pub type_guid: String,
+    pub offset: u64,
+    pub len: u64,
+}
+
+fn guid_string(b: &[u8]) -> String {
+    format!(
+        "{:02x}{:02x}{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}-{}",
+        b[3],
+        b[2],
+        b[1],
+        b[0],
+        b[5],
+        b[4],
+        b[7],
+        b[6],
+        b[8],
+        b[9],
+        hex::encode(&b[10..16])
+    )
+}
+
+fn crc32(data: &[u8]) -> u32 {
+    let mut c = flate2::Crc::new();
+    c.update(data);
+    c.sum()
+}
+
+/// The partitions of the primary GPT of `img`, `None` when it has no (valid) GPT. Read here
+/// rather than by the kernel, which may lack partition-table support or loop partition scans.
+pub(crate) fn read_gpt(img: &mut (impl Read + Seek)) -> io::Result<Option<Vec<Partition>>> {
+    for sector in [512u64, 4096] {
+        let mut hdr = [0u8; 92];
+        img.seek(SeekFrom::Start(sector))?;
+        if img.read_exact(&mut hdr).is_err() || &hdr[..8] != b"EFI PART" {
+            continue;
+        }
+        let u32_at = |o: usize| u32::from_le_bytes(hdr[o..o + 4].try_into().expect("4 bytes"));
+        let u64_at = |o: usize| u64::from_le_bytes(hdr[o..o + 8].try_into().expect("8 bytes"));
+        let hsize = u32_at(12) as usize;
+        let mut check = hdr;
+        check[16..20].fill(0);
+        if hsize != 92 || crc32(&check) != u32_at(16) {
+            continue;
+        }
+        let (lba, count, esize) = (u64_at(72), u32_at(80) as usize, u32_at(84) as usize);
+        if !(128..=4096).contains(&esize) || count > 1024 {
+            continue;
+        }
+        let mut entries = vec![0u8; count * esize];
+        img.seek(SeekFrom::Start(lba * sector))?;
+        img.read_exact(&mut entries)?;
+        if crc32(&entries) != u32_at(88) {
+            continue;
+        }
+        let parts = entries
+            .chunks(esize)
+            .filter(|e| e[..16].iter().any(|b| *b != 0))
+            .map(|e| {
+                let first = u64::from_le_bytes(e[32..40].try_into().expect("8 bytes"));
+                let last = u64::from_le_bytes(e[40..48].try_into().expect("8 bytes"));
+                Partition {
+                    type_guid: guid_string(&e[..16]),
+                    offset: first * sector,
+                    len: (last + 1).saturating_sub(first) * sector,
+                }
+            })
+            .collect();
+        return Ok(Some(parts));
     }
-    let mut nodes = Vec::new();
-    for (name, majmin) in &parts {
-        let node = Path::new("/dev").join(name);
-        let node = if node.exists() {
-            node
-        } else {
-            let (ma, mi) = majmin.split_once(':').unwrap_or(("0", "0"));
-            let dev = nix::sys::stat::makedev(ma.parse().unwrap_or(0), mi.parse().unwrap_or(0));
-            let p = scratch.join(name);
-            nix::sys::stat::mknod(
-                &p,
-                nix::sys::stat::SFlag::S_IFBLK,
-                nix::sys::stat::Mode::from_bits_truncate(0o600),
-                dev,
-            )
-            .map_err(|e| ImageError::Raw {
-                path: image.to_path_buf(),
-                msg: format!("mknod {}: {e}", p.display()),
-            })?;
-            p
-        };
-        let ty = probe(&node, "PART_ENTRY_TYPE");
-        nodes.push((node, ty));
+    Ok(None)
+}
+
+/// The root partition: the first of a root type, else the only Linux data partition.
+pub(crate) fn pick_root(parts: &[Partition]) -> Result<&Partition, String> {
+    if let Some(p) = parts
+        .iter()
+        .find(|p| ROOT_TYPES.contains(&p.type_guid.as_str()))
+    {
+        return Ok(p);
     }
-    if let Some((n, _)) = nodes.iter().find(|(_, t)| ROOT_TYPES.contains(&t.as_str())) {
-        return Ok(n.clone());
+    let data: Vec<_> = parts.iter().filter(|p| p.type_guid == LINUX_DATA).collect();
+    match data.as_slice() {
+        [p] => Ok(p),
+        _ => Err(format!(
+            "GPT with {} partition(s) but no root partition (types: {})",
+            parts.len(),
+            parts
+                .iter()
+                .map(|p| p.type_guid.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
     }
-    let data: Vec<_> = nodes.iter().filter(|(_, t)| t == LINUX_DATA).collect();
-    if let [(n, _)] = data.as_slice() {
-        return Ok(n.clone());
-    }
-    Err(ImageError::Raw {
-        path: image.to_path_buf(),
-        msg: format!(
-            "no root partition: {} partition(s), none of a root type and not exactly one Linux data partition",
-            nodes.len()
-        ),
-    })
 }
 
 /// Copies the root filesystem of the raw image `image` to `dest`.
@@ -144,14 +182,30 @@ pub(crate) fn import_raw(image: &Path, dest: &Path) -> Result<CloneReport, Image
         .prefix(".raw-import-")
         .tempdir_in(parent)
         .map_err(|e| err(format!("scratch directory in {}: {e}", parent.display())))?;
-    let loopdev = run(
-        image,
-        Command::new("losetup")
-            .args(["--find", "--show", "--read-only", "--partscan"])
-            .arg(image),
-    )?;
+    let mut f = std::fs::File::open(image).map_err(|e| err(format!("open: {e}")))?;
+    if f.metadata().map(|m| m.is_dir()).unwrap_or(false) {
+        return Err(err("is a directory".into()));
+    }
+    let mut magic = [0u8; 4];
+    if f.read_exact(&mut magic).is_ok() && &magic == b"QFI\xfb" {
+        return Err(err(
+            "is a qcow2 image; only raw images are supported (convert it to raw first)".into(),
+        ));
+    }
+    let gpt = read_gpt(&mut f).map_err(|e| err(format!("reading the partition table: {e}")))?;
+    let mut losetup = Command::new("losetup");
+    losetup.args(["--find", "--show", "--read-only"]);
+    if let Some(parts) = &gpt {
+        let root = pick_root(parts).map_err(err)?;
+        losetup
+            .arg("--offset")
+            .arg(root.offset.to_string())
+            .arg("--sizelimit")
+            .arg(root.len.to_string());
+    }
+    let loopdev = run(image, losetup.arg(image))?;
     let _loop = Loop(loopdev.clone());
-    let dev = root_device(image, &loopdev, scratch.path())?;
+    let dev = PathBuf::from(&loopdev);
     let fstype = probe(&dev, "TYPE");
     if fstype.is_empty() {
         return Err(err(format!("{}: no filesystem recognized", dev.display())));
@@ -172,4 +226,43 @@ pub(crate) fn import_raw(image: &Path, dest: &Path) -> Result<CloneReport, Image
     let r = super::clone_tree(&mp, dest);
     drop(mounted);
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn part(t: &str) -> Partition {
+        Partition {
+            type_guid: t.into(),
+            offset: 1 << 20,
+            len: 1 << 20,
+        }
+    }
+
+    #[test]
+    fn root_partition_choice() {
+        let esp = "c12a7328-f81f-11d2-ba4b-00a0c93ec93b";
+        let p = [part(esp), part(ROOT_TYPES[0])];
+        assert_eq!(pick_root(&p).unwrap().type_guid, ROOT_TYPES[0]);
+        let p = [part(esp), part(LINUX_DATA)];
+        assert_eq!(pick_root(&p).unwrap().type_guid, LINUX_DATA);
+        let p = [part(LINUX_DATA), part(LINUX_DATA)];
+        assert!(pick_root(&p).is_err());
+        let e = pick_root(&[part(esp)]).unwrap_err();
+        assert!(e.contains(esp), "{e}");
+    }
+
+    #[test]
+    fn no_gpt_in_a_bare_filesystem() {
+        let mut c = io::Cursor::new(vec![0u8; 8192]);
+        assert_eq!(read_gpt(&mut c).unwrap(), None);
+        assert_eq!(
+            guid_string(&[
+                0xe3, 0xbc, 0x68, 0x4f, 0xcd, 0xe8, 0xb1, 0x4d, 0x96, 0xe7, 0xfb, 0xca, 0xf9, 0x84,
+                0xb7, 0x09
+            ]),
+            ROOT_TYPES[0]
+        );
+    }
 }
