@@ -145,7 +145,7 @@ fn measure(tool: &str, mode: &str, mut cmd: Command, log: &Path) -> Result<Sampl
 fn command(spec: &BenchSpec, tool: &str, cache: &Path, root: &Path, warm: bool) -> Option<Command> {
     let v = spec.variant.as_str();
     match tool {
-        "ours" | "ours-foreign" => {
+        "ours" | "ours-foreign" | "ours-cached" => {
             let mut c = Command::new(&spec.ours);
             c.args([
                 "bootstrap",
@@ -155,9 +155,12 @@ fn command(spec: &BenchSpec, tool: &str, cache: &Path, root: &Path, warm: bool) 
                 "--variant",
                 v,
             ]);
-            if tool == "ours-foreign" {
-                c.arg("--foreign");
-            }
+            match tool {
+                "ours-foreign" => c.args(["--foreign", "--cache", "off"]),
+                // Cold builds and stores the tree; warm runs copy it from the base-tree cache.
+                "ours-cached" => c.args(["--cache", "auto"]),
+                _ => c.args(["--cache", "off"]),
+            };
             c.arg("--mirror")
                 .arg(&spec.mirror)
                 .arg("--cache-dir")
@@ -225,7 +228,10 @@ pub fn run(spec: &BenchSpec) -> Result<Vec<Sample>, BenchError> {
             let warm = i > 0;
             let root = dir.join(format!("root{i}"));
             let Some(cmd) = command(spec, tool, &cache, &root, warm) else {
-                continue;
+                eprintln!(
+                    "bench: unknown tool {tool:?} (expected ours, ours-foreign, ours-cached, debootstrap or mmdebstrap)"
+                );
+                break;
             };
             let mode = if warm { "warm" } else { "cold" };
             let s = measure(tool, mode, cmd, &dir.join(format!("run{i}.log")))?;
@@ -402,7 +408,12 @@ mod tests {
             false,
         )
         .unwrap());
-        assert!(of.contains("--foreign"), "{of}");
+        assert!(of.contains("--foreign") && of.contains("\"off\""), "{of}");
+        let oc =
+            dbg(command(&spec, "ours-cached", Path::new("/c"), Path::new("/r"), true).unwrap());
+        assert!(oc.contains("\"auto\""), "{oc}");
+        let o = dbg(command(&spec, "ours", Path::new("/c"), Path::new("/r"), true).unwrap());
+        assert!(o.contains("\"off\""), "{o}");
         assert!(command(&spec, "nosuchtool", Path::new("/c"), Path::new("/r"), false).is_none());
     }
 }
