@@ -20,6 +20,7 @@
 pub mod archive;
 pub mod bench;
 pub mod bootstrap;
+pub mod builder;
 pub mod dpkg;
 pub mod fetch;
 pub mod machine;
