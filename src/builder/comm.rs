@@ -197,13 +197,21 @@ impl NspawnComm {
             }
         }
         .map_err(io::Error::other)??;
+        if self.cancel.is_cancelled() {
+            // A command orphaned by the cancel may still hold the pipes until the
+            // machine is powered off: do not wait for it.
+            return Ok(status);
+        }
         for f in forwarders {
             let _ = tokio::task::spawn_blocking(move || f.join()).await;
         }
         Ok(status)
     }
 
-    /// Stops whatever runs inside (cancellation).
+    /// Stops what runs inside (cancellation): the helpers die, which takes a
+    /// no-boot sandbox down with them; a booted machine's PID 1 is killed, which
+    /// ends its pid namespace at once (the build is discarded anyway, and a
+    /// clean shutdown with an orphaned command takes seconds).
     fn kill_running(&self) {
         if let Target::Booted { leader } = self.target {
             let _ = nix::sys::signal::kill(

@@ -81,8 +81,18 @@ async fn unwind(s: &Settings, ui: &Ui, mut work: Work, e: &BuildStepError) {
     if let Some(m) = work.machine.take() {
         ui.say("nspawn: stopping the machine").await;
         let t = s.timeout;
-        if let Err(e) = blocking(move || m.poweroff(t)).await {
-            ui.error(&format!("nspawn: {e}")).await;
+        if let Err(err) = blocking(move || m.poweroff(t)).await {
+            let text = err.to_string();
+            if matches!(e, BuildStepError::Cancelled) {
+                // the console lines do not help after a cancel
+                let first = text
+                    .split("; last console lines")
+                    .next()
+                    .unwrap_or_default();
+                ui.message(&format!("nspawn: {first}")).await;
+            } else {
+                ui.error(&format!("nspawn: {text}")).await;
+            }
         }
     }
     super::comm::kill_own_helpers();
