@@ -12,6 +12,7 @@
 //! * [`fetch`]    — HTTP/`file://` downloads with SHA256 checks, retries and a `.deb` cache.
 //! * [`unpack`]   — `.deb` reading (ar + tar + xz/zstd/gz/bz2) and safe extraction.
 //! * [`dpkg`]     — the dpkg database (`status`, `info/*`) for an unpacked package set.
+//! * [`image`]    — importing, cloning and exporting machine images (tarballs, raw, trees).
 //! * [`bootstrap`] — the orchestration of the steps above into a root filesystem.
 //! * [`machine`]  — booting a tree with systemd-nspawn, running commands in it, stopping it.
 //! * [`packer`]   — Packer's plugin protocol.
@@ -23,6 +24,7 @@ pub mod bootstrap;
 pub mod builder;
 pub mod dpkg;
 pub mod fetch;
+pub mod image;
 pub mod machine;
 pub mod packer;
 pub mod resolve;

@@ -385,6 +385,30 @@ pub fn unpack_all(
         .collect())
 }
 
+/// Extracts a plain tar stream (not a `.deb`) into the existing directory `target`, with the
+/// safety and metadata rules of package data (owners, modes, links, device nodes, FIFOs,
+/// SCHILY xattrs; entries escaping the target refused) but no merged-/usr rewrite and no
+/// conffiles. `label` names the archive in errors. Returns the bytes of regular files written.
+pub fn extract_tar(
+    target: &Path,
+    label: &Path,
+    tar: &mut dyn std::io::Read,
+) -> Result<u64, UnpackError> {
+    let root = extract::open_target(target)?;
+    let ctx = Ctx {
+        package: "(tar)".into(),
+        deb: label.to_path_buf(),
+    };
+    let control = ControlMembers {
+        control: String::new(),
+        members: Vec::new(),
+    };
+    let mut buf = Vec::new();
+    let mut x = extract::Extractor::new(&ctx, &root, MergedUsr::No, &control, &mut buf)?;
+    x.run(tar)?;
+    Ok(x.finish()?.data_bytes)
+}
+
 /// Completes merged-/usr after [`unpack_one`] calls with [`MergedUsr::Yes`]: for each of
 /// [`MERGED_USR_DIRS`] that exists as a real directory (its content is moved into `usr/<dir>`)
 /// or whose `usr/<dir>` exists, `/<dir>` becomes the symlink `usr/<dir>`. An existing
