@@ -53,41 +53,6 @@ pub enum Source {
     Clone(String),
 }
 
-/// The export format, picked from the `export` path's suffix.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ExportFormat {
-    Dir,
-    Tar,
-    TarZst,
-    TarXz,
-    TarGz,
-}
-
-impl ExportFormat {
-    /// The format for `path`, or an error for a tarball suffix we do not write.
-    pub fn from_path(path: &str) -> Result<ExportFormat, String> {
-        let base = path.rsplit('/').next().unwrap_or(path);
-        for (suffix, f) in [
-            (".tar.zst", ExportFormat::TarZst),
-            (".tar.xz", ExportFormat::TarXz),
-            (".tar.gz", ExportFormat::TarGz),
-            (".tgz", ExportFormat::TarGz),
-            (".tar", ExportFormat::Tar),
-        ] {
-            if base.ends_with(suffix) && base.len() > suffix.len() {
-                return Ok(f);
-            }
-        }
-        if let Some(i) = base.find(".tar.") {
-            return Err(format!(
-                "unsupported compression {:?} (use .tar, .tar.zst, .tar.xz, .tar.gz, or no suffix for a directory)",
-                &base[i..]
-            ));
-        }
-        Ok(ExportFormat::Dir)
-    }
-}
-
 /// The settled, validated options.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -106,7 +71,8 @@ pub struct Settings {
     pub keyring: Option<PathBuf>,
     pub private_users: bool,
     pub boot: bool,
-    pub export: Option<(PathBuf, ExportFormat)>,
+    /// Where to export (format from the suffix, see [`crate::image::export_format`]).
+    pub export: Option<PathBuf>,
     pub nspawn_args: Vec<String>,
     pub env: Vec<(String, String)>,
     pub scrub: bool,
@@ -312,7 +278,9 @@ pub fn settle(config: &Config) -> Result<(Settings, Vec<String>), Vec<String>> {
             }
             Ok(d) => d,
             Err(e) => {
-                errs.push(format!("timeout: {e}"));
+                errs.push(format!(
+                    "timeout: {e}; use Packer's duration syntax, e.g. \"20s\" or \"1m30s\""
+                ));
                 DEFAULT_TIMEOUT
             }
         },
@@ -347,27 +315,31 @@ pub fn settle(config: &Config) -> Result<(Settings, Vec<String>), Vec<String>> {
     );
     let export = match raw.export.filter(|s| !s.is_empty()) {
         None => None,
-        Some(e) => match ExportFormat::from_path(&e) {
-            Ok(f) => {
-                let p = PathBuf::from(&e);
-                let p = if p.is_absolute() {
-                    p
-                } else {
-                    std::env::current_dir().unwrap_or_default().join(p)
-                };
-                if p.starts_with(&machines_dir) && p.parent() == Some(machines_dir.as_path()) {
-                    errs.push(format!(
-                        "export: {} is inside machines_dir; pick another place",
-                        p.display()
-                    ));
+        Some(e) => {
+            let p = PathBuf::from(&e);
+            let p = if p.is_absolute() {
+                p
+            } else {
+                std::env::current_dir().unwrap_or_default().join(p)
+            };
+            match crate::image::export_format(&p) {
+                Ok(_) => {
+                    if p.parent() == Some(machines_dir.as_path()) {
+                        errs.push(format!(
+                            "export: {} is inside machines_dir; pick another place",
+                            p.display()
+                        ));
+                    }
+                    Some(p)
                 }
-                Some((p, f))
+                Err(m) => {
+                    errs.push(format!(
+                        "export: {m} (use a directory path, .tar, .tar.zst, .tar.xz or .tar.gz)"
+                    ));
+                    None
+                }
             }
-            Err(m) => {
-                errs.push(format!("export: {e}: {m}"));
-                None
-            }
-        },
+        }
     };
     let nspawn_args = raw.nspawn_args.unwrap_or_default();
     for a in &nspawn_args {
@@ -457,17 +429,6 @@ mod tests {
         assert!(parse_duration("20").is_err());
         assert!(parse_duration("x").is_err());
         assert!(parse_duration("5d").is_err());
-    }
-
-    #[test]
-    fn export_formats() {
-        use ExportFormat::*;
-        assert_eq!(ExportFormat::from_path("/o/a.tar.zst"), Ok(TarZst));
-        assert_eq!(ExportFormat::from_path("a.tar"), Ok(Tar));
-        assert_eq!(ExportFormat::from_path("a.tar.xz"), Ok(TarXz));
-        assert_eq!(ExportFormat::from_path("a.tar.gz"), Ok(TarGz));
-        assert_eq!(ExportFormat::from_path("/o/tree"), Ok(Dir));
-        assert!(ExportFormat::from_path("a.tar.bz2").is_err());
     }
 
     #[test]

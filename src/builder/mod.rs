@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use crate::packer::rpc::BoxFuture;
 use crate::packer::{Artifact, BuildError, Builder, Config, ConfigSpec, Prepared, RunContext};
 
-pub use config::{ExportFormat, Settings, Source};
+pub use config::{Settings, Source};
 
 /// Builder id reported in artifacts.
 pub const BUILDER_ID: &str = "nspawn.builder";

@@ -174,6 +174,22 @@ async fn build(
     if work.staging.symlink_metadata().is_ok() {
         remove_tree(&work.staging).map_err(io_err("remove", &work.staging))?;
     }
+    if let Some(to) = &s.export {
+        if to.symlink_metadata().is_ok() {
+            if !s.force {
+                return Err(BuildStepError::Other {
+                    what: format!(
+                        "prepare target: export {} already exists (use -force to replace it)",
+                        to.display()
+                    ),
+                });
+            }
+            remove_tree(to).map_err(io_err("remove old export", to))?;
+        }
+        if let Some(d) = to.parent() {
+            std::fs::create_dir_all(d).map_err(io_err("create", d))?;
+        }
+    }
     if target.exists() {
         ui.say(&format!(
             "nspawn: -force: machine {} will be replaced when this build succeeds",
@@ -266,9 +282,9 @@ async fn build(
             ))
             .await;
             let st = work.staging.clone();
-            blocking(move || image_api::clone_tree(&src, &st))
-                .await
-                .map_err(BuildStepError::Image)?;
+            let r = blocking(move || image_api::clone_tree(&src, &st)).await;
+            ui.message(&format!("nspawn: {}", r.map_err(BuildStepError::Image)?))
+                .await;
         }
     }
     ui.message(&format!(
@@ -407,15 +423,16 @@ async fn build(
 
     // 7. Export.
     let mut files = Vec::new();
-    if let Some((to, _fmt)) = &s.export {
+    if let Some(to) = &s.export {
         ui.say(&format!("nspawn: exporting to {}", to.display()))
             .await;
         let (st, to2) = (work.staging.clone(), to.clone());
         let te = Instant::now();
         let out = with_progress(ui, "export", move |p| image_api::export(&st, &to2, p)).await;
-        files = out.map_err(BuildStepError::Image)?;
+        let (f, line) = out.map_err(BuildStepError::Image)?;
+        files = f;
         ui.message(&format!(
-            "nspawn: exported in {:.1} s",
+            "nspawn: {line} in {:.1} s",
             te.elapsed().as_secs_f64()
         ))
         .await;
@@ -453,7 +470,8 @@ async fn build(
     })
 }
 
-/// Runs a blocking job that reports bytes through a callback, printing progress.
+/// Runs a blocking job that reports the bytes done so far through a callback,
+/// printing progress every 2 s.
 async fn with_progress<T: Send + 'static>(
     ui: &Ui,
     what: &'static str,
@@ -463,7 +481,7 @@ async fn with_progress<T: Send + 'static>(
     let b2 = bytes.clone();
     let job = blocking(move || {
         let cb = move |n: u64| {
-            b2.fetch_add(n, Ordering::Relaxed);
+            b2.fetch_max(n, Ordering::Relaxed);
         };
         f(&cb)
     });
