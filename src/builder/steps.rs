@@ -294,24 +294,34 @@ async fn build(
     .await;
     check_cancel(ctx)?;
 
-    // Ownership: a tree built for (or imported into) a user namespace.
+    // Ownership: a tree built for a user namespace (bootstrapped with
+    // private_users, or imported/cloned from such a tree) is owned by a range of
+    // host ids; /etc tells which (the tree's top directory may be new).
     if work.base.is_none() {
         use std::os::unix::fs::MetadataExt;
-        let uid = std::fs::symlink_metadata(&work.staging)
-            .map_err(io_err("inspect", &work.staging))?
+        let probe = ["etc", "usr", "."]
+            .iter()
+            .map(|p| work.staging.join(p))
+            .find(|p| p.symlink_metadata().is_ok_and(|m| m.is_dir()))
+            .unwrap_or_else(|| work.staging.clone());
+        let uid = std::fs::symlink_metadata(&probe)
+            .map_err(io_err("inspect", &probe))?
             .uid();
         if uid != 0 {
             if uid % 65536 != 0 {
                 return Err(BuildStepError::Other {
                     what: format!(
-                        "private_users: the tree's root is owned by uid {uid}, not a multiple of 65536"
+                        "private_users: {} is owned by uid {uid}, neither root nor the start of a 65536-id range",
+                        probe.display()
                     ),
                 });
             }
             work.base = Some(uid);
-            if !s.private_users {
-                ui.message(&format!("nspawn: the tree is owned by the id range at {uid}; running it with private users")).await;
-            }
+            let _ = std::os::unix::fs::lchown(&work.staging, Some(uid), Some(uid));
+            ui.message(&format!(
+                "nspawn: the tree is owned by the id range at {uid}; it runs with private users"
+            ))
+            .await;
         } else if s.private_users {
             let map = IdMap::new(pick_base(target));
             ui.say(&format!(
