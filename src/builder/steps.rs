@@ -106,7 +106,7 @@ async fn unwind(s: &Settings, ui: &Ui, mut work: Work, e: &BuildStepError) {
             "nspawn: -on-error=abort: the machine's tree is kept at {p}\n\
              enter it with:  systemd-nspawn -D {p} -M {n}{users}\n\
              or boot it with: systemd-nspawn --boot -D {p} -M {n}{users}\n\
-             remove it with: rm -rf {p}",
+             remove it with: rm -rf {p} (the next build of {n} removes it too)",
             p = work.staging.display(),
             n = work.name,
         ))
