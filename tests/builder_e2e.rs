@@ -305,6 +305,34 @@ build {{
     }
     eprintln!("{tag}: import + clone builds {t:.1?} (boot to ready {readies:?})");
 
+    // boot = false: provisioning on the tree in our own namespaces, no systemd
+    let nb = env.name("noboot");
+    env.write(
+        "noboot.pkr.hcl",
+        &format!(
+            r#"source "nspawn" "nb" {{
+{common}{pu}  name = "{nb}"
+  clone = "{base}"
+  boot = false
+}}
+build {{
+  sources = ["source.nspawn.nb"]
+  provisioner "shell" {{ inline = ["echo pid1=$(cat /proc/1/comm)", "id -u", "echo nb > /etc/marker2"] }}
+  provisioner "file" {{
+    source = "up.txt"
+    destination = "/root/up.txt"
+  }}
+}}
+"#
+        ),
+    );
+    let (ok, out, t) = env.run(&["build", "noboot.pkr.hcl"]);
+    assert!(ok, "boot = false build failed:\n{out}");
+    assert!(!out.contains("pid1=systemd"), "{out}");
+    assert!(env.machines.join(&nb).join("etc/marker2").exists());
+    assert!(env.machines.join(&nb).join("root/up.txt").exists());
+    eprintln!("{tag}: boot = false build {t:.1?}");
+
     // a failing command fails the build with its real exit code; nothing is left
     env.write(
         "failing.pkr.hcl",

@@ -210,10 +210,6 @@ pub fn settle(config: &Config) -> Result<(Settings, Vec<String>), Vec<String>> {
         (Some(i), None) => {
             if i.is_empty() {
                 errs.push("import: must not be empty".into());
-            } else if !(i.starts_with("http://") || i.starts_with("https://") || i.contains("://"))
-                && !std::path::Path::new(&i).exists()
-            {
-                errs.push(format!("import: {i} does not exist"));
             } else if i.contains("://") && !(i.starts_with("http://") || i.starts_with("https://"))
             {
                 errs.push(format!(
