@@ -134,6 +134,13 @@ impl NspawnComm {
         stdout: Option<Box<dyn AsyncWrite + Send + Unpin>>,
         stderr: Option<Box<dyn AsyncWrite + Send + Unpin>>,
     ) -> io::Result<ExitStatusInfo> {
+        if self.cancel.is_cancelled() {
+            // e.g. a provisioner's clean-up command after the cancel
+            return Err(io::Error::other(format!(
+                "{:?}: not started, the build is cancelled",
+                argv.join(" ")
+            )));
+        }
         let mut env = full_env(&self.env);
         env.extend(extra_env.iter().cloned());
         let handle = tokio::runtime::Handle::current();
