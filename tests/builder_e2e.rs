@@ -355,6 +355,19 @@ build {{
     assert!(env.staging_left().is_empty(), "{:?}", env.staging_left());
     assert!(nspawn_processes(&bad).is_empty());
 
+    // -on-error=abort keeps the failed tree and says how to enter it
+    let (ok, out, _) = env.run(&["build", "-on-error=abort", "failing.pkr.hcl"]);
+    assert!(!ok, "{out}");
+    assert!(out.contains("systemd-nspawn -D"), "{out}");
+    let kept = env.staging_left();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert!(env.machines.join(&kept[0]).join("etc/marker").exists());
+    assert!(
+        nspawn_processes(&bad).is_empty(),
+        "the kept machine is stopped"
+    );
+    nspawn::bootstrap::remove_tree(&env.machines.join(&kept[0])).unwrap();
+
     // import over http from 127.0.0.1
     let server = nspawn::testkit::http::HttpServer::start(env.work());
     let url = server.url("/base.tar.zst");
