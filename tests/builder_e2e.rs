@@ -233,6 +233,21 @@ build {{
     );
     assert_eq!(std::fs::read(m.join("etc/machine-id")).unwrap(), b"");
     assert!(!m.join("var/lib/dbus/machine-id").exists());
+    // the export has canonical owners, whatever range the tree is owned by
+    let f = std::fs::File::open(&export).unwrap();
+    let mut ar = tar::Archive::new(zstd::Decoder::new(f).unwrap());
+    let mut n = 0;
+    for e in ar.entries().unwrap() {
+        let e = e.unwrap();
+        let uid = e.header().uid().unwrap();
+        assert!(
+            uid < 65536,
+            "{} owned by {uid}",
+            e.path().unwrap().display()
+        );
+        n += 1;
+    }
+    assert!(n > 1000, "{n} entries");
     assert!(env.staging_left().is_empty(), "{:?}", env.staging_left());
     eprintln!(
         "{tag}: base build {:.1?} (boot to ready {:?})",

@@ -436,9 +436,13 @@ async fn build(
     if let Some(to) = &s.export {
         ui.say(&format!("nspawn: exporting to {}", to.display()))
             .await;
-        let (st, to2) = (work.staging.clone(), to.clone());
+        let (st, to2, base) = (work.staging.clone(), to.clone(), work.base);
         let te = Instant::now();
-        let out = with_progress(ui, "export", move |p| image_api::export(&st, &to2, p)).await;
+        let out = with_progress(ui, "export", move |p| {
+            base.and_then(|b| image_api::export_unshifted(&st, &to2, b, p))
+                .unwrap_or_else(|| image_api::export(&st, &to2, p))
+        })
+        .await;
         let (f, line) = out.map_err(BuildStepError::Image)?;
         files = f;
         ui.message(&format!(
