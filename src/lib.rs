@@ -21,6 +21,7 @@
 pub mod archive;
 pub mod bench;
 pub mod bootstrap;
+pub mod builder;
 pub mod cache;
 pub mod dpkg;
 pub mod fetch;

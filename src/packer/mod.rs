@@ -66,7 +66,9 @@ pub enum PackerError {
     Install(String),
 }
 
-/// The builders this binary serves today (`hosttest`; `nspawn` comes later).
+/// The builders this binary serves: `nspawn` (the product) and `hosttest`.
 pub fn default_builders() -> BuilderSet {
-    BuilderSet::default().with("hosttest", hosttest::factory)
+    BuilderSet::default()
+        .with("hosttest", hosttest::factory)
+        .with("nspawn", crate::builder::factory)
 }
