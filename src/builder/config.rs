@@ -40,6 +40,8 @@ struct Raw {
     nspawn_args: Option<Vec<String>>,
     env: Option<BTreeMap<String, String>>,
     scrub: Option<bool>,
+    cache: Option<String>,
+    cache_limit: Option<String>,
 }
 
 /// What the build starts from.
@@ -76,6 +78,10 @@ pub struct Settings {
     pub nspawn_args: Vec<String>,
     pub env: Vec<(String, String)>,
     pub scrub: bool,
+    /// How the base-tree cache under `cache_dir` is used.
+    pub cache: crate::cache::Mode,
+    /// Its size limit in bytes (0 = none).
+    pub cache_limit: u64,
     /// Packer's `-force`.
     pub force: bool,
     /// Packer's `-on-error` (`abort` keeps the machine).
@@ -106,6 +112,8 @@ pub fn spec() -> ConfigSpec {
         .attr("nspawn_args", list())
         .attr("env", CtyType::map(CtyType::String))
         .attr("scrub", CtyType::Bool)
+        .attr("cache", s.clone())
+        .attr("cache_limit", s.clone())
 }
 
 /// Parses Go's `time.ParseDuration` syntax ("20s", "1m30s", "1.5h", "500ms").
@@ -374,6 +382,31 @@ pub fn settle(config: &Config) -> Result<(Settings, Vec<String>), Vec<String>> {
             env.push((k, v));
         }
     }
+    let cache = match raw
+        .cache
+        .as_deref()
+        .unwrap_or("auto")
+        .parse::<crate::cache::Mode>()
+    {
+        Ok(m) => m,
+        Err(_) => {
+            errs.push(format!(
+                "cache: expected \"auto\", \"refresh\" or \"off\", got {:?}",
+                raw.cache.unwrap_or_default()
+            ));
+            crate::cache::Mode::Off
+        }
+    };
+    let cache_limit = match crate::cache::parse_size(raw.cache_limit.as_deref().unwrap_or("20G")) {
+        Ok(n) => n,
+        Err(_) => {
+            errs.push(format!(
+                "cache_limit: {:?} is not a size like \"500M\", \"20G\" or \"0\" (no limit)",
+                raw.cache_limit.unwrap_or_default()
+            ));
+            0
+        }
+    };
     if !errs.is_empty() {
         return Err(errs);
     }
@@ -397,6 +430,8 @@ pub fn settle(config: &Config) -> Result<(Settings, Vec<String>), Vec<String>> {
             nspawn_args,
             env,
             scrub: raw.scrub.unwrap_or(true),
+            cache,
+            cache_limit,
             force: config.packer.force,
             on_error: config.packer.on_error.clone(),
         },
@@ -436,13 +471,16 @@ mod tests {
         assert_eq!(s.machines_dir, PathBuf::from("/var/lib/machines"));
         assert_eq!(s.timeout, Duration::from_secs(20));
         assert!(s.boot && s.scrub && !s.private_users);
+        assert_eq!(s.cache, crate::cache::Mode::Auto);
+        assert_eq!(s.cache_limit, 20 << 30);
     }
 
     #[test]
     fn errors_name_options() {
         let errs = settle(&cfg(json!({
             "import": "/", "clone": "x", "timeout": "soon", "variant": "huge",
-            "export": "/tmp/a.tar.bz2", "machines_dir": "rel", "nspawn_args": ["--boot"]
+            "export": "/tmp/a.tar.bz2", "machines_dir": "rel", "nspawn_args": ["--boot"],
+            "cache": "sometimes", "cache_limit": "lots"
         })))
         .unwrap_err();
         let all = errs.join("\n");
@@ -453,6 +491,8 @@ mod tests {
             "export:",
             "machines_dir:",
             "nspawn_args:",
+            "cache: expected",
+            "cache_limit:",
         ] {
             assert!(all.contains(opt), "{opt} missing in {all}");
         }

@@ -221,6 +221,8 @@ async fn build(
                 cache_dir: s.cache_dir.clone(),
                 force: true,
                 quiet: true,
+                cache: s.cache,
+                cache_limit: s.cache_limit,
                 private_users: if s.private_users {
                     PrivateUsers::Base(pick_base(target))
                 } else {
@@ -249,6 +251,11 @@ async fn build(
                 out.timings.cached_packages,
                 out.timings.unpack,
                 out.timings.configure,
+            ))
+            .await;
+            ui.message(&format!(
+                "nspawn: base-tree cache: {} ({:.1} s)",
+                out.cache, out.timings.cache_copy
             ))
             .await;
             for w in &out.warnings {
