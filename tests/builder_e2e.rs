@@ -249,6 +249,34 @@ build {{
     }
     assert!(n > 1000, "{n} entries");
     assert!(env.staging_left().is_empty(), "{:?}", env.staging_left());
+    // Per-phase timings: printed at the end and written next to the artifact.
+    assert!(out.contains("nspawn: timings"), "{out}");
+    let tj = export.with_file_name("base.tar.zst.timings.json");
+    let timings: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&tj).expect("timings JSON next to the export"))
+            .unwrap();
+    for phase in [
+        "source_seconds",
+        "boot_to_ready",
+        "provision",
+        "stop",
+        "scrub",
+        "total",
+    ] {
+        assert!(timings[phase].as_f64().is_some(), "{phase} in {timings}");
+    }
+    assert!(
+        timings["bootstrap"]["resolve"].as_f64().is_some(),
+        "{timings}"
+    );
+    assert!(
+        timings["export"]["bytes_out"].as_u64().unwrap() > 0,
+        "{timings}"
+    );
+    assert!(
+        timings["export"]["ratio"].as_f64().unwrap() < 1.0,
+        "{timings}"
+    );
     eprintln!(
         "{tag}: base build {:.1?} (boot to ready {:?})",
         t_base,

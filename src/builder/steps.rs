@@ -23,6 +23,80 @@ struct Work {
     machine: Option<Machine>,
     /// The id base the tree is owned by (user-namespaced tree), if any.
     base: Option<u32>,
+    timings: BuildTimings,
+}
+
+/// Wall time of every phase of a build, in seconds (with sizes where they matter);
+/// shown at the end, written as JSON next to the artifact and kept in its state.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct BuildTimings {
+    /// `bootstrap`, `import` or `clone`.
+    pub source: String,
+    pub source_seconds: f64,
+    /// The bootstrap's own phases (resolve, download, unpack, configure, cache copy).
+    pub bootstrap: Option<bootstrap::Timings>,
+    pub download_mib_per_s: Option<f64>,
+    /// What the base-tree cache did.
+    pub cache: Option<String>,
+    pub boot_to_ready: Option<f64>,
+    /// All provisioners (Packer runs them in one hook; the builder cannot see their borders).
+    pub provision: f64,
+    pub stop: Option<f64>,
+    pub scrub: Option<f64>,
+    pub export: Option<ExportTimings>,
+    pub total: f64,
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ExportTimings {
+    pub seconds: f64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// bytes_out / bytes_in.
+    pub ratio: f64,
+}
+
+impl BuildTimings {
+    /// One line per phase, for the end of the build.
+    pub fn lines(&self) -> Vec<String> {
+        let mut v = vec![format!("{}: {:.2} s", self.source, self.source_seconds)];
+        if let Some(b) = &self.bootstrap {
+            v.push(format!(
+                "  resolve {:.2} s, download {:.2} s ({:.1} MiB, {:.0} MiB/s), unpack {:.2} s, configure {:.2} s, cache copy {:.2} s",
+                b.resolve,
+                b.download,
+                b.download_bytes as f64 / 1048576.0,
+                self.download_mib_per_s.unwrap_or(0.0),
+                b.unpack,
+                b.configure,
+                b.cache_copy
+            ));
+        }
+        if let Some(c) = &self.cache {
+            v.push(format!("  base-tree cache: {c}"));
+        }
+        if let Some(b) = self.boot_to_ready {
+            v.push(format!("boot to ready: {b:.2} s"));
+        }
+        v.push(format!("provisioning: {:.2} s", self.provision));
+        if let Some(x) = self.stop {
+            v.push(format!("stop: {x:.2} s"));
+        }
+        if let Some(x) = self.scrub {
+            v.push(format!("scrub: {x:.3} s"));
+        }
+        if let Some(e) = &self.export {
+            v.push(format!(
+                "export: {:.2} s, {:.1} MiB → {:.1} MiB (ratio {:.2})",
+                e.seconds,
+                e.bytes_in as f64 / 1048576.0,
+                e.bytes_out as f64 / 1048576.0,
+                e.ratio
+            ));
+        }
+        v.push(format!("total: {:.2} s", self.total));
+        v
+    }
 }
 
 fn io_err(step: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> BuildStepError {
@@ -52,6 +126,7 @@ pub async fn run(s: Settings, ctx: RunContext) -> Result<Option<Artifact>, Build
         staging,
         machine: None,
         base: None,
+        timings: BuildTimings::default(),
     };
     let started = Instant::now();
     let res = build(&s, &ctx, &mut work, &target).await;
@@ -161,6 +236,7 @@ async fn build(
     work: &mut Work,
     target: &Path,
 ) -> Result<Artifact, BuildStepError> {
+    let started = Instant::now();
     let ui = &ctx.ui;
     // 1. Prepare the target.
     if target.symlink_metadata().is_ok() && !s.force {
@@ -262,6 +338,10 @@ async fn build(
                 ui.message(&format!("nspawn: bootstrap warning: {w}")).await;
             }
             work.base = out.private_users_base;
+            work.timings.download_mib_per_s = (out.timings.download > 0.0)
+                .then(|| out.timings.download_bytes as f64 / 1048576.0 / out.timings.download);
+            work.timings.cache = Some(out.cache.clone());
+            work.timings.bootstrap = Some(out.timings.clone());
         }
         Source::Import(src) => {
             ui.say(&format!(
@@ -294,6 +374,13 @@ async fn build(
                 .await;
         }
     }
+    work.timings.source = match &s.source {
+        Source::Bootstrap => "bootstrap",
+        Source::Import(_) => "import",
+        Source::Clone(_) => "clone",
+    }
+    .into();
+    work.timings.source_seconds = t0.elapsed().as_secs_f64();
     ui.message(&format!(
         "nspawn: tree ready in {:.1} s",
         t0.elapsed().as_secs_f64()
@@ -372,6 +459,7 @@ async fn build(
         ))
         .await;
         let leader = m.leader();
+        work.timings.boot_to_ready = Some(m.ready_after().as_secs_f64());
         work.machine = Some(m);
         Target::Booted { leader }
     } else {
@@ -404,6 +492,7 @@ async fn build(
     hook.map_err(|e| BuildStepError::Other {
         what: format!("provisioning: {e}"),
     })?;
+    work.timings.provision = tp.elapsed().as_secs_f64();
     ui.message(&format!(
         "nspawn: provisioning took {:.1} s",
         tp.elapsed().as_secs_f64()
@@ -415,7 +504,9 @@ async fn build(
         ui.say(&format!("nspawn: powering off {}", s.name)).await;
         let t = s.timeout;
         let ts = Instant::now();
-        if let Err(e) = blocking(move || m.poweroff(t)).await {
+        let r = blocking(move || m.poweroff(t)).await;
+        work.timings.stop = Some(ts.elapsed().as_secs_f64());
+        if let Err(e) = r {
             ui.error(&format!("nspawn: {e}")).await;
         } else {
             ui.message(&format!(
@@ -430,7 +521,9 @@ async fn build(
 
     // 6. Scrub.
     if s.scrub {
+        let tsc = Instant::now();
         let removed = scrub(&work.staging, work.base);
+        work.timings.scrub = Some(tsc.elapsed().as_secs_f64());
         ui.message(&format!(
             "nspawn: scrubbed host identity: {}",
             removed.join(", ")
@@ -444,6 +537,9 @@ async fn build(
         ui.say(&format!("nspawn: exporting to {}", to.display()))
             .await;
         let (st, to2, base) = (work.staging.clone(), to.clone(), work.base);
+        let bytes_in = crate::cache::fingerprint(&work.staging)
+            .map(|(_, b, _)| b)
+            .unwrap_or(0);
         let te = Instant::now();
         let out = with_progress(ui, "export", move |p| {
             base.and_then(|b| image_api::export_unshifted(&st, &to2, b, p))
@@ -452,6 +548,21 @@ async fn build(
         .await;
         let (f, line) = out.map_err(BuildStepError::Image)?;
         files = f;
+        let bytes_out = if to.is_file() {
+            std::fs::metadata(to).map(|m| m.len()).unwrap_or(0)
+        } else {
+            bytes_in
+        };
+        work.timings.export = Some(ExportTimings {
+            seconds: te.elapsed().as_secs_f64(),
+            bytes_in,
+            bytes_out,
+            ratio: if bytes_in > 0 {
+                bytes_out as f64 / bytes_in as f64
+            } else {
+                0.0
+            },
+        });
         ui.message(&format!(
             "nspawn: {line} in {:.1} s",
             te.elapsed().as_secs_f64()
@@ -460,9 +571,39 @@ async fn build(
     }
     check_cancel(ctx)?;
 
-    // 8. Rename to the machine's name.
+    // 8. Rename to the machine's name; the timings go next to the artifact.
     commit(&work.staging, target)?;
+    work.timings.total = started.elapsed().as_secs_f64();
+    let timings_json = serde_json::to_value(&work.timings).unwrap_or(Value::Null);
+    let timings_path = match &s.export {
+        Some(to) => to.with_file_name(format!(
+            "{}.timings.json",
+            to.file_name().unwrap_or_default().to_string_lossy()
+        )),
+        None => s.machines_dir.join(format!("{}.timings.json", s.name)),
+    };
+    if let Err(e) = std::fs::write(
+        &timings_path,
+        serde_json::to_vec_pretty(&timings_json).unwrap_or_default(),
+    ) {
+        ui.error(&format!("nspawn: writing {}: {e}", timings_path.display()))
+            .await;
+    }
+    ui.say("nspawn: timings").await;
+    for l in work.timings.lines() {
+        ui.message(&format!("nspawn:   {l}")).await;
+    }
+    ui.message(&format!(
+        "nspawn: timings written to {}",
+        timings_path.display()
+    ))
+    .await;
     let mut state = Map::new();
+    state.insert("timings".into(), timings_json);
+    state.insert(
+        "timings_file".into(),
+        Value::from(timings_path.display().to_string()),
+    );
     state.insert("generated_data".into(), Value::Object(generated));
     state.insert("MachineName".into(), Value::from(s.name.clone()));
     state.insert(
