@@ -30,6 +30,47 @@ pub struct NspawnComm {
     /// Environment added to every command (`env` option).
     pub env: Vec<(String, String)>,
     pub cancel: CancellationToken,
+    /// Every communicator operation with its wall time, in order: what the
+    /// provisioners did (Packer runs them all inside one hook call).
+    pub ops: std::sync::Mutex<Vec<CommOp>>,
+}
+
+/// One communicator operation of a provisioner.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CommOp {
+    /// `command`, `upload`, `upload_dir`, `download` or `download_dir`.
+    pub op: &'static str,
+    pub detail: String,
+    pub seconds: f64,
+    pub ok: bool,
+}
+
+impl NspawnComm {
+    /// Runs `fut` and records it in [`NspawnComm::ops`] (the first line of
+    /// `detail`, at most 80 characters).
+    async fn timed<T>(
+        &self,
+        op: &'static str,
+        detail: &str,
+        fut: impl std::future::Future<Output = io::Result<T>>,
+    ) -> io::Result<T> {
+        let t = std::time::Instant::now();
+        let r = fut.await;
+        let first = detail.lines().next().unwrap_or("");
+        let mut shown: String = first.chars().take(80).collect();
+        if shown.len() < detail.trim_end().len() {
+            shown.push_str(" …");
+        }
+        if let Ok(mut v) = self.ops.lock() {
+            v.push(CommOp {
+                op,
+                detail: shown,
+                seconds: t.elapsed().as_secs_f64(),
+                ok: r.is_ok(),
+            });
+        }
+        r
+    }
 }
 
 fn full_env(extra: &[(String, String)]) -> Vec<(String, String)> {
@@ -338,9 +379,13 @@ impl Communicator for NspawnComm {
                 stdout,
                 stderr,
             } = cmd;
+            let detail = command.clone();
             let argv = vec!["/bin/sh".to_string(), "-c".into(), command];
-            let st = self.run(argv, &[], stdin, stdout, stderr).await?;
-            Ok(packer_status(st))
+            self.timed("command", &detail, async {
+                let st = self.run(argv, &[], stdin, stdout, stderr).await?;
+                Ok(packer_status(st))
+            })
+            .await
         })
     }
 
@@ -356,8 +401,12 @@ impl Communicator for NspawnComm {
                 "d=$(dirname -- \"$1\") && mkdir -p -- \"$d\" && cat > \"$1\" && chmod \"$2\" -- \"$1\"",
                 &[&dst, &mode],
             );
-            self.checked(&format!("upload to {dst}"), argv, Some(data), None)
-                .await
+            self.timed(
+                "upload",
+                &dst,
+                self.checked(&format!("upload to {dst}"), argv, Some(data), None),
+            )
+            .await
         })
     }
 
@@ -367,27 +416,31 @@ impl Communicator for NspawnComm {
         src: PathBuf,
         exclude: Vec<String>,
     ) -> BoxFuture<'_, io::Result<()>> {
+        let detail = dst.clone();
         Box::pin(async move {
-            let (r, w) = pipe()?;
-            let producer = tokio::task::spawn_blocking(move || {
-                tar_host_dir(&src, &exclude, std::fs::File::from(w))
-            });
-            let reader = tokio::fs::File::from_std(std::fs::File::from(r));
-            let argv = sh(
-                "mkdir -p -- \"$1\" && tar -x --no-same-owner -C \"$1\" -f -",
-                &[&dst],
-            );
-            let res = self
-                .checked(
-                    &format!("upload directory to {dst}"),
-                    argv,
-                    Some(Box::new(reader)),
-                    None,
-                )
-                .await;
-            let made = producer.await.map_err(io::Error::other)?;
-            res?;
-            made
+            let inner = async move {
+                let (r, w) = pipe()?;
+                let producer = tokio::task::spawn_blocking(move || {
+                    tar_host_dir(&src, &exclude, std::fs::File::from(w))
+                });
+                let reader = tokio::fs::File::from_std(std::fs::File::from(r));
+                let argv = sh(
+                    "mkdir -p -- \"$1\" && tar -x --no-same-owner -C \"$1\" -f -",
+                    &[&dst],
+                );
+                let res = self
+                    .checked(
+                        &format!("upload directory to {dst}"),
+                        argv,
+                        Some(Box::new(reader)),
+                        None,
+                    )
+                    .await;
+                let made = producer.await.map_err(io::Error::other)?;
+                res?;
+                made
+            };
+            self.timed("upload_dir", &detail, inner).await
         })
     }
 
@@ -397,11 +450,15 @@ impl Communicator for NspawnComm {
         out: Box<dyn AsyncWrite + Send + Unpin>,
     ) -> BoxFuture<'_, io::Result<()>> {
         Box::pin(async move {
-            self.checked(
-                &format!("download {src}"),
-                sh("cat -- \"$1\"", &[&src]),
-                None,
-                Some(out),
+            self.timed(
+                "download",
+                &src,
+                self.checked(
+                    &format!("download {src}"),
+                    sh("cat -- \"$1\"", &[&src]),
+                    None,
+                    Some(out),
+                ),
             )
             .await
         })
@@ -413,39 +470,43 @@ impl Communicator for NspawnComm {
         dst: PathBuf,
         exclude: Vec<String>,
     ) -> BoxFuture<'_, io::Result<()>> {
+        let detail = src.clone();
         Box::pin(async move {
-            let (r, w) = pipe()?;
-            let dst2 = dst.clone();
-            let consumer = tokio::task::spawn_blocking(move || -> io::Result<()> {
-                std::fs::create_dir_all(&dst2)?;
-                let mut ar = tar::Archive::new(std::fs::File::from(r));
-                ar.set_preserve_permissions(true);
-                for entry in ar.entries()? {
-                    let mut entry = entry?;
-                    let rel = entry.path()?.into_owned();
-                    if rel
-                        .ancestors()
-                        .filter(|a| !a.as_os_str().is_empty())
-                        .any(|a| excluded(a, &exclude))
-                    {
-                        continue;
+            let inner = async move {
+                let (r, w) = pipe()?;
+                let dst2 = dst.clone();
+                let consumer = tokio::task::spawn_blocking(move || -> io::Result<()> {
+                    std::fs::create_dir_all(&dst2)?;
+                    let mut ar = tar::Archive::new(std::fs::File::from(r));
+                    ar.set_preserve_permissions(true);
+                    for entry in ar.entries()? {
+                        let mut entry = entry?;
+                        let rel = entry.path()?.into_owned();
+                        if rel
+                            .ancestors()
+                            .filter(|a| !a.as_os_str().is_empty())
+                            .any(|a| excluded(a, &exclude))
+                        {
+                            continue;
+                        }
+                        entry.unpack_in(&dst2)?;
                     }
-                    entry.unpack_in(&dst2)?;
-                }
-                Ok(())
-            });
-            let writer = tokio::fs::File::from_std(std::fs::File::from(w));
-            let res = self
-                .checked(
-                    &format!("download directory {src}"),
-                    sh("cd -- \"$1\" && tar -c -f - .", &[&src]),
-                    None,
-                    Some(Box::new(writer)),
-                )
-                .await;
-            let got = consumer.await.map_err(io::Error::other)?;
-            res?;
-            got
+                    Ok(())
+                });
+                let writer = tokio::fs::File::from_std(std::fs::File::from(w));
+                let res = self
+                    .checked(
+                        &format!("download directory {src}"),
+                        sh("cd -- \"$1\" && tar -c -f - .", &[&src]),
+                        None,
+                        Some(Box::new(writer)),
+                    )
+                    .await;
+                let got = consumer.await.map_err(io::Error::other)?;
+                res?;
+                got
+            };
+            self.timed("download_dir", &detail, inner).await
         })
     }
 }

@@ -39,8 +39,11 @@ pub struct BuildTimings {
     /// What the base-tree cache did.
     pub cache: Option<String>,
     pub boot_to_ready: Option<f64>,
-    /// All provisioners (Packer runs them in one hook; the builder cannot see their borders).
+    /// All provisioners (Packer runs them in one hook call).
     pub provision: f64,
+    /// What the provisioners did, one communicator operation each (a shell provisioner
+    /// is an upload of its script and a command; a file provisioner an upload or download).
+    pub provision_steps: Vec<super::comm::CommOp>,
     pub stop: Option<f64>,
     pub scrub: Option<f64>,
     pub export: Option<ExportTimings>,
@@ -79,6 +82,15 @@ impl BuildTimings {
             v.push(format!("boot to ready: {b:.2} s"));
         }
         v.push(format!("provisioning: {:.2} s", self.provision));
+        for op in &self.provision_steps {
+            v.push(format!(
+                "  {} {}: {:.2} s{}",
+                op.op,
+                op.detail,
+                op.seconds,
+                if op.ok { "" } else { " (failed)" }
+            ));
+        }
         if let Some(x) = self.stop {
             v.push(format!("stop: {x:.2} s"));
         }
@@ -478,6 +490,7 @@ async fn build(
         target: comm_target,
         env: s.env.clone(),
         cancel: ctx.cancel.clone(),
+        ops: Default::default(),
     });
     let mut generated = Map::new();
     generated.insert("MachineName".into(), Value::from(s.name.clone()));
@@ -487,7 +500,8 @@ async fn build(
     );
     let data = provision_hook_data(&s.name, "nspawn", &generated);
     let tp = Instant::now();
-    let hook = ctx.hook.run(HOOK_PROVISION, &data, comm).await;
+    let hook = ctx.hook.run(HOOK_PROVISION, &data, comm.clone()).await;
+    work.timings.provision_steps = comm.ops.lock().map(|v| v.clone()).unwrap_or_default();
     check_cancel(ctx)?;
     hook.map_err(|e| BuildStepError::Other {
         what: format!("provisioning: {e}"),
