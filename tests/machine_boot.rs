@@ -7,16 +7,15 @@
 //! Skips with a reason when systemd-nspawn is missing (`apt-get install
 //! systemd-container`) or the host has no reachable http mirror.
 
-use nspawn::testkit::scratch::{host_mirror, Scratch};
+use nspawn::testkit::scratch::{bookworm_minbase, host_mirror, mirror_unreachable, Scratch};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use nspawn::machine::{BootSpec, ExitStatusInfo, Machine, MachineError, NetworkMode};
 
 const HELPER: &str = env!("CARGO_BIN_EXE_packer-plugin-nspawn");
-const CACHE: &str = "/var/tmp/packer-plugin-nspawn-test-cache";
 /// A multiple of 65536, away from nspawn's `pick` range.
 const BASE: u32 = 6_553_600;
 
@@ -24,27 +23,11 @@ const BASE: u32 = 6_553_600;
 static SERIAL: Mutex<()> = Mutex::new(());
 
 fn bootstrap(mirror: &str, target: &Path, extra: &[&str]) -> Output {
-    Command::new(HELPER)
-        .args(["bootstrap", "--quiet", "--suite", "bookworm"])
-        .args([
-            "--variant",
-            "minbase",
-            "--include",
-            "systemd,systemd-sysv,dbus",
-        ])
-        .arg("--mirror")
-        .arg(mirror)
-        .arg("--cache-dir")
-        .arg(CACHE)
-        .args(extra)
-        .arg(target)
+    let mut args = vec!["--include", "systemd,systemd-sysv,dbus"];
+    args.extend_from_slice(extra);
+    bookworm_minbase(HELPER, mirror, target, &args)
         .output()
         .unwrap()
-}
-
-fn unreachable(out: &Output) -> bool {
-    let err = String::from_utf8_lossy(&out.stderr);
-    !out.status.success() && (err.contains("resolve host") || err.contains("connect"))
 }
 
 fn argv(a: &[&str]) -> Vec<String> {
@@ -97,7 +80,7 @@ fn boot_and_check(tag: &str, private_users: Option<u32>) {
     }
     let t = Instant::now();
     let out = bootstrap(&mirror, &root, &extra);
-    if unreachable(&out) {
+    if mirror_unreachable(&out) {
         eprintln!(
             "SKIP: mirror {mirror} unreachable: {}",
             String::from_utf8_lossy(&out.stderr)

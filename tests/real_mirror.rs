@@ -3,7 +3,7 @@
 //! shifted id range — checked with the tree's own dpkg. Skips with a reason when
 //! there is no http mirror or it cannot be reached.
 
-use nspawn::testkit::scratch::{host_mirror, Scratch};
+use nspawn::testkit::scratch::{bookworm_minbase, host_mirror, mirror_unreachable, Scratch};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -13,33 +13,16 @@ use std::process::{Command, Output};
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// A cache that outlives the test keeps repeated runs fast and offline-capable.
-const CACHE: &str = "/var/tmp/packer-plugin-nspawn-test-cache";
 
+const BIN: &str = env!("CARGO_BIN_EXE_packer-plugin-nspawn");
+
+/// A real bootstrap (the base-tree cache off: these tests are about building trees).
 fn bootstrap(mirror: &str, target: &Path, extra: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_packer-plugin-nspawn"))
-        .args([
-            "bootstrap",
-            "--quiet",
-            "--cache",
-            "off",
-            "--suite",
-            "bookworm",
-            "--variant",
-            "minbase",
-        ])
-        .arg("--mirror")
-        .arg(mirror)
-        .arg("--cache-dir")
-        .arg(CACHE)
-        .args(extra)
-        .arg(target)
+    let mut args = vec!["--cache", "off"];
+    args.extend_from_slice(extra);
+    bookworm_minbase(BIN, mirror, target, &args)
         .output()
         .unwrap()
-}
-
-fn unreachable(out: &Output) -> bool {
-    let err = String::from_utf8_lossy(&out.stderr);
-    !out.status.success() && (err.contains("resolve host") || err.contains("connect"))
 }
 
 /// `dpkg-query` and `dpkg --audit/--verify` of the tree, run by its own dpkg.
@@ -79,7 +62,7 @@ fn bookworm_minbase_full_offline_and_private_users() {
     // 1. A full bootstrap: every package configured, dpkg finds nothing to complain about.
     let plain: PathBuf = scratch.path().join("plain");
     let out = bootstrap(&mirror, &plain, &[]);
-    if unreachable(&out) {
+    if mirror_unreachable(&out) {
         eprintln!(
             "SKIP: mirror {mirror} unreachable: {}",
             String::from_utf8_lossy(&out.stderr)
@@ -163,23 +146,10 @@ fn staging_of(dir: &Path) -> Option<PathBuf> {
         })
 }
 
-fn spawn_bootstrap(mirror: &str, target: &Path) -> std::process::Child {
-    Command::new(env!("CARGO_BIN_EXE_packer-plugin-nspawn"))
-        .args([
-            "bootstrap",
-            "--quiet",
-            "--cache",
-            "off",
-            "--suite",
-            "bookworm",
-            "--variant",
-            "minbase",
-        ])
-        .arg("--mirror")
-        .arg(mirror)
-        .arg("--cache-dir")
-        .arg(CACHE)
-        .arg(target)
+fn spawn_bootstrap(mirror: &str, target: &Path, extra: &[&str]) -> std::process::Child {
+    let mut args = vec!["--cache", "off"];
+    args.extend_from_slice(extra);
+    bookworm_minbase(BIN, mirror, target, &args)
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap()
@@ -213,11 +183,11 @@ fn interrupted_runs_leave_no_tree_and_touch_no_existing_one() {
 
     // Ctrl-C (SIGINT) during the second stage: nothing at TARGET, no staging tree left,
     // no process of the run left (its sandbox dies with it).
-    let mut child = spawn_bootstrap(&mirror, &target);
+    let mut child = spawn_bootstrap(&mirror, &target, &[]);
     if !wait_for_staging(scratch.path(), &mut child) {
         let out = child.wait_with_output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
-        if unreachable(&out) {
+        if mirror_unreachable(&out) {
             eprintln!("SKIP: mirror unreachable: {err}");
             return;
         }
@@ -247,23 +217,7 @@ fn interrupted_runs_leave_no_tree_and_touch_no_existing_one() {
     // An existing machine survives a run killed with SIGKILL over it (with --force).
     std::fs::create_dir_all(target.join("etc")).unwrap();
     std::fs::write(target.join("etc/keep"), b"precious").unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_packer-plugin-nspawn"))
-        .args([
-            "bootstrap",
-            "--quiet",
-            "--cache",
-            "off",
-            "--force",
-            "--suite",
-            "bookworm",
-            "--variant",
-            "minbase",
-        ])
-        .arg("--mirror")
-        .arg(&mirror)
-        .arg("--cache-dir")
-        .arg(CACHE)
-        .arg(&target)
+    let mut child = bookworm_minbase(BIN, &mirror, &target, &["--cache", "off", "--force"])
         .spawn()
         .unwrap();
     assert!(

@@ -65,3 +65,31 @@ pub fn host_mirror() -> Option<String> {
     let host = crate::archive::sources::host_defaults()?;
     host.mirror.starts_with("http").then_some(host.mirror)
 }
+
+/// `bin bootstrap --quiet --suite bookworm --variant minbase --mirror M --cache-dir
+/// TEST_CACHE EXTRA... TARGET`: the command the real-mirror tests run (`bin` is the
+/// test's `CARGO_BIN_EXE_…`).
+pub fn bookworm_minbase(bin: &str, mirror: &str, target: &Path, extra: &[&str]) -> Command {
+    let mut c = Command::new(bin);
+    c.args([
+        "bootstrap",
+        "--quiet",
+        "--suite",
+        "bookworm",
+        "--variant",
+        "minbase",
+    ])
+    .arg("--mirror")
+    .arg(mirror)
+    .arg("--cache-dir")
+    .arg(TEST_CACHE)
+    .args(extra)
+    .arg(target);
+    c
+}
+
+/// Whether a failed command's stderr says the mirror could not be reached.
+pub fn mirror_unreachable(out: &std::process::Output) -> bool {
+    let err = String::from_utf8_lossy(&out.stderr);
+    !out.status.success() && (err.contains("resolve host") || err.contains("connect"))
+}
