@@ -333,9 +333,7 @@ impl TreeCache {
         let dir = self.root.join(&digest);
         std::fs::create_dir_all(&self.root).map_err(io("create", &self.root))?;
         // Copy outside the lock (it takes the time), publish under it.
-        let tmp = self
-            .root
-            .join(format!(".{digest}.tmp-{}", std::process::id()));
+        let tmp = self.root.join(format!(".{digest}.tmp-{}", unique()));
         let _ = crate::bootstrap::remove_tree(&tmp);
         std::fs::create_dir(&tmp).map_err(io("create", &tmp))?;
         let rootfs = tmp.join("rootfs");
@@ -365,9 +363,7 @@ impl TreeCache {
         let lock = self.lock(true)?;
         if dir.exists() {
             if replace {
-                let old = self
-                    .root
-                    .join(format!(".{digest}.old-{}", std::process::id()));
+                let old = self.root.join(format!(".{digest}.old-{}", unique()));
                 std::fs::rename(&dir, &old).map_err(io("rename", &dir))?;
                 std::fs::rename(&tmp, &dir).map_err(io("rename", &tmp))?;
                 let _ = crate::bootstrap::remove_tree(&old);
@@ -424,7 +420,7 @@ impl TreeCache {
             if let Some(pid) = n
                 .rsplit_once(".tmp-")
                 .or_else(|| n.rsplit_once(".old-"))
-                .and_then(|(_, p)| p.parse::<i32>().ok())
+                .and_then(|(_, p)| p.split('-').next()?.parse::<i32>().ok())
             {
                 if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err() {
                     let _ = crate::bootstrap::remove_tree(&e.path());
@@ -433,6 +429,17 @@ impl TreeCache {
         }
         Ok(removed)
     }
+}
+
+/// `PID-N`, unique within this process (several builds may share one).
+fn unique() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 fn write_manifest(dir: &Path, m: &Manifest) -> Result<(), CacheError> {
