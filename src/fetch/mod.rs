@@ -326,6 +326,82 @@ impl Fetcher {
         .await
     }
 
+    /// Streams `url` (of unknown size and hash: an image to import) to `dest`
+    /// through a temporary sibling, retrying transient failures and bodies shorter
+    /// than their Content-Length. Returns the bytes written and their SHA256, for
+    /// the caller to check against whatever checksum it has.
+    pub async fn get_to_file(
+        &self,
+        url: &str,
+        dest: &Path,
+        progress: Option<&(dyn Fn(u64) + Sync)>,
+    ) -> Result<(u64, String), FetchError> {
+        let tmp = temp_name(dest);
+        let result = self
+            .retry(url, |n| {
+                let tmp = tmp.clone();
+                async move {
+                    let mut resp = match self.send(url, n).await {
+                        Attempt::Done(r) => r,
+                        Attempt::Retry(e) => return Attempt::Retry(e),
+                        Attempt::Fail(e) => return Attempt::Fail(e),
+                    };
+                    let want = resp.content_length();
+                    let mut file = match std::fs::File::create(&tmp) {
+                        Ok(f) => std::io::BufWriter::with_capacity(1 << 20, f),
+                        Err(e) => return Attempt::Fail(io_err(&tmp)(e)),
+                    };
+                    let mut hasher = Sha256::new();
+                    let mut got = 0u64;
+                    loop {
+                        match resp.chunk().await {
+                            Ok(Some(c)) => {
+                                hasher.update(&c);
+                                if let Err(e) = file.write_all(&c) {
+                                    return Attempt::Fail(io_err(&tmp)(e));
+                                }
+                                got += c.len() as u64;
+                                if let Some(p) = progress {
+                                    p(got);
+                                }
+                            }
+                            Ok(None) => break,
+                            Err(e) => {
+                                return Attempt::Retry(FetchError::Transport {
+                                    url: url.into(),
+                                    reason: error_chain(&e),
+                                    attempts: n,
+                                })
+                            }
+                        }
+                    }
+                    if let Err(e) = file.flush() {
+                        return Attempt::Fail(io_err(&tmp)(e));
+                    }
+                    if want.is_some_and(|w| w != got) {
+                        return Attempt::Retry(FetchError::Truncated {
+                            url: url.into(),
+                            got,
+                            want: want.unwrap_or(0),
+                            attempts: n,
+                        });
+                    }
+                    Attempt::Done((got, hex::encode(hasher.finalize())))
+                }
+            })
+            .await;
+        match result {
+            Ok(v) => {
+                std::fs::rename(&tmp, dest).map_err(io_err(dest))?;
+                Ok(v)
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                Err(e)
+            }
+        }
+    }
+
     /// Downloads `url` to `dest`, verified against `expected`; `what` names the
     /// thing for errors (a package or an index file). Returns the bytes written.
     pub async fn get_verified(
@@ -667,6 +743,39 @@ mod tests {
         );
         assert_eq!(file_path("file:///srv/r"), Some(PathBuf::from("/srv/r")));
         assert_eq!(deb_cache_name("a", "1:2.0", "amd64"), "a_1%3a2.0_amd64.deb");
+    }
+
+    #[tokio::test]
+    async fn streamed_download_retries_truncation_and_reports_the_hash() {
+        use crate::testkit::http::{Fault, HttpServer};
+        let dir = tempfile::tempdir().unwrap();
+        let body: Vec<u8> = (0..300_000u32).map(|i| (i * 7) as u8).collect();
+        std::fs::write(dir.path().join("img.tar"), &body).unwrap();
+        let server = HttpServer::start(dir.path());
+        server.fault("img.tar", Fault::Truncate, 1);
+        let url = server.url("/img.tar");
+        let mut o = FetchOptions::default();
+        o.backoff = Duration::from_millis(10);
+        let f = Fetcher::new(&[url.as_str()], o).await.unwrap();
+        let dest = dir.path().join("out/img.tar");
+        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+        let (n, sha) = f.get_to_file(&url, &dest, None).await.unwrap();
+        assert_eq!((n, sha), (body.len() as u64, sha256_hex(&body)));
+        assert_eq!(std::fs::read(&dest).unwrap(), body);
+        assert_eq!(
+            server.requests().len(),
+            2,
+            "the truncated attempt was retried"
+        );
+        // Always truncated: a clear error and no file, partial or final.
+        server.fault("img.tar", Fault::Truncate, 100);
+        let dest2 = dir.path().join("out/img2.tar");
+        let e = f.get_to_file(&url, &dest2, None).await.unwrap_err();
+        assert!(e.to_string().contains("img.tar"), "{e}");
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("out")).unwrap().count(),
+            1
+        );
     }
 
     #[tokio::test]

@@ -528,7 +528,10 @@ fn download(url: &str, to: &Path) -> Result<(u64, bool), ImageError> {
         source: Box::new(source),
     };
     // Our own runtime on our own thread: callers may be inside a tokio runtime.
-    let (body, sums) = std::thread::scope(|s| {
+    // The body streams to a temporary file beside `to` (images may be large).
+    let tmp = crate::fetch::temp_name(to);
+    let guard = TempFile(tmp.clone());
+    let ((size, actual), sums) = std::thread::scope(|s| {
         s.spawn(|| {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -538,9 +541,9 @@ fn download(url: &str, to: &Path) -> Result<(u64, bool), ImageError> {
                 let f = crate::fetch::Fetcher::new(&[url], Default::default())
                     .await
                     .map_err(fetch_err)?;
-                let body = f.get(url).await.map_err(fetch_err)?;
+                let got = f.get_to_file(url, &tmp, None).await.map_err(fetch_err)?;
                 let sums = published_sha256(&f, url).await;
-                Ok::<_, ImageError>((body, sums))
+                Ok::<_, ImageError>((got, sums))
             })
         })
         .join()
@@ -552,7 +555,6 @@ fn download(url: &str, to: &Path) -> Result<(u64, bool), ImageError> {
     })?;
     let mut verified = false;
     if let Some((sums_url, expected)) = sums {
-        let actual = crate::fetch::sha256_hex(&body);
         if !actual.eq_ignore_ascii_case(&expected) {
             return Err(ImageError::Checksum {
                 url: url.to_string(),
@@ -563,11 +565,9 @@ fn download(url: &str, to: &Path) -> Result<(u64, bool), ImageError> {
         }
         verified = true;
     }
-    let tmp = crate::fetch::temp_name(to);
-    let _guard = TempFile(tmp.clone());
-    std::fs::write(&tmp, &body).map_err(io_err(&tmp, "write"))?;
     std::fs::rename(&tmp, to).map_err(io_err(to, "rename"))?;
-    Ok((body.len() as u64, verified))
+    drop(guard);
+    Ok((size, verified))
 }
 
 /// The SHA256 published for `url` in `<url>.sha256` or `SHA256SUMS` beside it.
