@@ -87,9 +87,11 @@ pub fn export_unshifted(
         let file = std::fs::File::create(&tmp).map_err(werr)?;
         let mut out: Box<dyn Write> = match format {
             image::ExportFormat::Tar => Box::new(file),
-            image::ExportFormat::TarZst => {
-                Box::new(zstd::Encoder::new(file, 3).map_err(werr)?.auto_finish())
-            }
+            image::ExportFormat::TarZst => Box::new(
+                crate::image::zstd_encoder(file)
+                    .map_err(werr)?
+                    .auto_finish(),
+            ),
             image::ExportFormat::TarXz => Box::new(liblzma::write::XzEncoder::new(file, 6)),
             image::ExportFormat::TarGz => Box::new(flate2::write::GzEncoder::new(
                 file,

@@ -120,7 +120,7 @@ pub fn export(src: &Path, to: &Path, progress: &dyn Fn(u64)) -> Result<ExportRep
     let w = |e| io_err(&tmp, "write")(e);
     let enc = match format {
         ExportFormat::Tar => Enc::Plain(out),
-        ExportFormat::TarZst => Enc::Zst(zstd::Encoder::new(out, 3).map_err(w)?),
+        ExportFormat::TarZst => Enc::Zst(crate::image::zstd_encoder(out).map_err(w)?),
         ExportFormat::TarXz => Enc::Xz(liblzma::write::XzEncoder::new(out, 6)),
         ExportFormat::TarGz => Enc::Gz(flate2::write::GzEncoder::new(
             out,

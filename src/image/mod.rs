@@ -511,6 +511,16 @@ fn unwrap_single_top(root: &Path) -> Result<Option<String>, ImageError> {
     Ok(Some(name))
 }
 
+/// A zstd level-3 encoder using every core (compression dominates a `.tar.zst` export).
+pub fn zstd_encoder<W: std::io::Write>(out: W) -> std::io::Result<zstd::Encoder<'static, W>> {
+    let mut e = zstd::Encoder::new(out, 3)?;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+    if threads > 1 {
+        e.multithread(threads)?;
+    }
+    Ok(e)
+}
+
 fn download_temp_name(dest: &Path) -> PathBuf {
     let name = dest
         .file_name()
