@@ -411,6 +411,16 @@ build {{
     );
     nspawn::bootstrap::remove_tree(&env.machines.join(&kept[0])).unwrap();
 
+    // -on-error=ask without a terminal: the question cannot be asked, so it cleans up
+    let (ok, out, _) = env.run(&["build", "-on-error=ask", "failing.pkr.hcl"]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("cannot ask") || out.contains("Clean up"),
+        "{out}"
+    );
+    assert!(env.staging_left().is_empty(), "{:?}", env.staging_left());
+    assert!(nspawn_processes(&bad).is_empty());
+
     // import over http from 127.0.0.1
     let server = nspawn::testkit::http::HttpServer::start(env.work());
     let url = server.url("/base.tar.zst");

@@ -165,6 +165,27 @@ pub async fn run(s: Settings, ctx: RunContext) -> Result<Option<Artifact>, Build
 }
 
 async fn unwind(s: &Settings, ui: &Ui, mut work: Work, e: &BuildStepError) {
+    let cancelled = matches!(e, BuildStepError::Cancelled);
+    // -on-error=ask: ask before anything is cleaned up, as Packer's own builders do
+    // (retrying a step is not offered: our steps are not restartable one by one).
+    let keep = match s.on_error.as_str() {
+        "abort" => !cancelled,
+        "ask" if !cancelled => {
+            ui.error(&format!("nspawn: build failed: {e}")).await;
+            match ui
+                .ask("[c] Clean up and exit, [a] abort without cleanup (keep the machine's tree):")
+                .await
+            {
+                Ok(a) => a.trim_start().starts_with(['a', 'A']),
+                Err(err) => {
+                    ui.message(&format!("nspawn: cannot ask ({err}); cleaning up"))
+                        .await;
+                    false
+                }
+            }
+        }
+        _ => false,
+    };
     if let Some(m) = work.machine.take() {
         ui.say("nspawn: stopping the machine").await;
         let t = s.timeout;
@@ -183,19 +204,19 @@ async fn unwind(s: &Settings, ui: &Ui, mut work: Work, e: &BuildStepError) {
         }
     }
     super::comm::kill_own_helpers();
-    let keep = s.on_error == "abort" && !matches!(e, BuildStepError::Cancelled);
     if keep && work.staging.exists() {
         let users = work
             .base
             .map(|b| format!(" --private-users={b}:65536 --private-users-ownership=off"))
             .unwrap_or_default();
         ui.error(&format!(
-            "nspawn: -on-error=abort: the machine's tree is kept at {p}\n\
+            "nspawn: -on-error={mode}: the machine's tree is kept at {p}\n\
              enter it with:  systemd-nspawn -D {p} -M {n}{users}\n\
              or boot it with: systemd-nspawn --boot -D {p} -M {n}{users}\n\
              remove it with: rm -rf {p} (the next build of {n} removes it too)",
             p = work.staging.display(),
             n = work.name,
+            mode = s.on_error,
         ))
         .await;
         return;
