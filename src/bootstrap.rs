@@ -402,7 +402,7 @@ impl Staging {
             path: parent.into(),
             source,
         })?;
-        remove_stale(parent, &name);
+        remove_stale(parent, &name, &["staging", "old"]);
         let path = parent.join(format!(".{name}.staging-{}", std::process::id()));
         if path.exists() {
             let _ = std::fs::remove_dir_all(&path);
@@ -431,28 +431,31 @@ impl Staging {
 
     /// Moves the finished tree to the target (replacing an old one only now).
     pub fn commit(mut self) -> Result<PathBuf, BootstrapError> {
-        let err = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| BootstrapError::Target { path, source }
-        };
-        if self.target.symlink_metadata().is_ok() {
-            let old = self.target.with_file_name(format!(
-                ".{}.old-{}",
-                self.target
-                    .file_name()
-                    .unwrap_or_default()
-                    .to_string_lossy(),
-                std::process::id()
-            ));
-            std::fs::rename(&self.target, &old).map_err(err(&self.target))?;
-            std::fs::rename(&self.path, &self.target).map_err(err(&self.target))?;
-            let _ = remove_tree(&old);
-        } else {
-            std::fs::rename(&self.path, &self.target).map_err(err(&self.target))?;
-        }
+        replace_tree(&self.path, &self.target).map_err(|source| BootstrapError::Target {
+            path: self.target.clone(),
+            source,
+        })?;
         self.committed = true;
         Ok(self.target.clone())
     }
+}
+
+/// Renames the finished tree `staging` to `target`; an existing target is moved
+/// aside first and removed only once the new tree is in place.
+pub fn replace_tree(staging: &Path, target: &Path) -> std::io::Result<()> {
+    if target.symlink_metadata().is_ok() {
+        let old = target.with_file_name(format!(
+            ".{}.old-{}",
+            target.file_name().unwrap_or_default().to_string_lossy(),
+            std::process::id()
+        ));
+        std::fs::rename(target, &old)?;
+        std::fs::rename(staging, target)?;
+        let _ = remove_tree(&old);
+    } else {
+        std::fs::rename(staging, target)?;
+    }
+    Ok(())
 }
 
 impl Drop for Staging {
@@ -479,17 +482,17 @@ pub fn remove_in_flight() {
     }
 }
 
-/// Removes `.NAME.staging-PID` and `.NAME.old-PID` leftovers of runs that were
-/// killed (PID no longer alive), e.g. by SIGKILL, which no handler can catch.
-fn remove_stale(parent: &Path, name: &str) {
+/// Removes `.NAME.KIND-PID` leftovers (KIND e.g. `staging`, `old`, `build`) of runs
+/// that were killed (PID no longer alive), e.g. by SIGKILL, which no handler can catch.
+pub fn remove_stale(parent: &Path, name: &str, kinds: &[&str]) {
     let Ok(rd) = std::fs::read_dir(parent) else {
         return;
     };
     for e in rd.flatten() {
         let f = e.file_name().to_string_lossy().into_owned();
-        let Some(rest) = f
-            .strip_prefix(&format!(".{name}.staging-"))
-            .or_else(|| f.strip_prefix(&format!(".{name}.old-")))
+        let Some(rest) = kinds
+            .iter()
+            .find_map(|k| f.strip_prefix(&format!(".{name}.{k}-")))
         else {
             continue;
         };

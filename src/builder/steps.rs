@@ -234,27 +234,6 @@ async fn unwind(s: &Settings, ui: &Ui, mut work: Work, e: &BuildStepError) {
     }
 }
 
-/// Removes `.NAME.build-PID` trees of builds whose process is gone.
-fn remove_stale(dir: &Path, name: &str) {
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return;
-    };
-    let prefix = format!(".{name}.build-");
-    for e in rd.flatten() {
-        let f = e.file_name().to_string_lossy().into_owned();
-        let Some(pid) = f.strip_prefix(&prefix).and_then(|p| p.parse::<i32>().ok()) else {
-            continue;
-        };
-        if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err() {
-            tracing::info!(
-                "removing {} left by an interrupted build",
-                e.path().display()
-            );
-            let _ = remove_tree(&e.path());
-        }
-    }
-}
-
 fn check_cancel(ctx: &RunContext) -> Result<(), BuildStepError> {
     if ctx.cancel.is_cancelled() {
         Err(BuildStepError::Cancelled)
@@ -279,7 +258,7 @@ async fn build(
         });
     }
     std::fs::create_dir_all(&s.machines_dir).map_err(io_err("create", &s.machines_dir))?;
-    remove_stale(&s.machines_dir, &s.name);
+    bootstrap::remove_stale(&s.machines_dir, &s.name, &["build", "old"]);
     if work.staging.symlink_metadata().is_ok() {
         remove_tree(&work.staging).map_err(io_err("remove", &work.staging))?;
     }
@@ -819,19 +798,7 @@ pub(crate) fn scrub(root: &Path, base: Option<u32>) -> Vec<String> {
 
 /// Renames the staging tree to the machine's name, replacing an old one last.
 fn commit(staging: &Path, target: &Path) -> Result<(), BuildStepError> {
-    if target.symlink_metadata().is_ok() {
-        let old = target.with_file_name(format!(
-            ".{}.old-{}",
-            target.file_name().unwrap_or_default().to_string_lossy(),
-            std::process::id()
-        ));
-        std::fs::rename(target, &old).map_err(io_err("move aside", target))?;
-        std::fs::rename(staging, target).map_err(io_err("rename staging tree to", target))?;
-        let _ = remove_tree(&old);
-    } else {
-        std::fs::rename(staging, target).map_err(io_err("rename staging tree to", target))?;
-    }
-    Ok(())
+    bootstrap::replace_tree(staging, target).map_err(io_err("rename staging tree to", target))
 }
 
 #[cfg(test)]
