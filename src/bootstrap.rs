@@ -264,8 +264,12 @@ async fn make_fetcher(opts: &Options, r: &Resolved) -> Result<Arc<Fetcher>, Boot
 }
 
 /// Verifies the suite and resolves the package set.
-pub async fn plan(opts: &Options, fetcher: &Fetcher) -> Result<Plan, BootstrapError> {
-    let inputs = opts.settle()?;
+/// `inputs` are `opts` settled against the host ([`Options::settle`]).
+pub async fn plan(
+    opts: &Options,
+    inputs: Resolved,
+    fetcher: &Fetcher,
+) -> Result<Plan, BootstrapError> {
     let mut keyring = Keyring::default();
     for k in &inputs.keyring {
         keyring.add_file(k)?;
@@ -337,7 +341,7 @@ pub fn print_debs(opts: &Options) -> Result<Vec<String>, BootstrapError> {
     rt.block_on(async {
         let settled = opts.settle()?;
         let fetcher = make_fetcher(opts, &settled).await?;
-        let plan = plan(opts, &fetcher).await?;
+        let plan = plan(opts, settled.clone(), &fetcher).await?;
         for w in &plan.warnings {
             tracing::warn!("{w}");
         }
@@ -551,7 +555,7 @@ pub fn bootstrap(opts: &Options, target: &Path) -> Result<Outcome, BootstrapErro
     let (fetcher, plan) = rt.block_on(async {
         let fetcher = make_fetcher(opts, &settled).await?;
         let t0 = Instant::now();
-        let plan = plan(opts, &fetcher).await?;
+        let plan = plan(opts, settled.clone(), &fetcher).await?;
         t.resolve = t0.elapsed().as_secs_f64();
         Ok::<_, BootstrapError>((fetcher, plan))
     })?;
